@@ -1,0 +1,156 @@
+"""A deterministic synthetic dataset with the class imbalance segtrain is built for.
+
+Three classes on textured, noisy backgrounds:
+  0 background  ~75% of pixels, a smooth colour field with pixel noise,
+  1 region      ~20%, one or two large irregular blobs with a striped texture,
+  2 spot        a few percent, small discs; a quarter of the images have none.
+A one-pixel band around every object boundary is labelled ``ignore_index`` (255), as in
+Pascal VOC, so that border pixels whose class is ambiguous neither train nor score.
+
+The generator writes PNG images and index-PNG masks in the folder layout
+(``images/<split>/*.png``, ``masks/<split>/*.png``) and a ``synthetic.json`` recording its
+parameters; training then reads them through the ordinary folder dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("background", "region", "spot")
+META_FILE = "synthetic.json"
+GENERATOR_VERSION = 1
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bicubically."""
+    coarse = rng.random((cells, cells, channels)).astype(np.float32)
+    layers = [
+        np.asarray(Image.fromarray(coarse[..., c]).resize((size, size), Image.BICUBIC))
+        for c in range(channels)
+    ]
+    return np.clip(np.stack(layers, axis=-1), 0.0, 1.0)  # (size, size, channels)
+
+
+def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, radius: tuple[float, float]) -> np.ndarray:
+    """An irregular ellipse: its radius wobbles with a few random angular harmonics."""
+    size = yy.shape[0]
+    cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
+    ry, rx = rng.uniform(*radius, size=2)
+    angle = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    theta = np.arctan2(v, u)
+    wobble = 1.0 + sum(
+        rng.uniform(0.0, 0.12) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
+    return (u / rx) ** 2 + (v / ry) ** 2 <= wobble**2
+
+
+def _boundary_band(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 4-neighbourhood holds a different label (both sides of every edge)."""
+    band = np.zeros(mask.shape, dtype=bool)
+    vertical = mask[1:, :] != mask[:-1, :]
+    horizontal = mask[:, 1:] != mask[:, :-1]
+    band[1:, :] |= vertical
+    band[:-1, :] |= vertical
+    band[:, 1:] |= horizontal
+    band[:, :-1] |= horizontal
+    return band
+
+
+def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 (H, W, 3), mask uint8 (H, W)) pair."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    mask = np.zeros((size, size), dtype=np.uint8)
+
+    base = rng.uniform(0.25, 0.65, size=3)
+    image = base + 0.35 * (_smooth_field(rng, size, cells=6, channels=3) - 0.5)
+
+    for _ in range(rng.integers(1, 3)):
+        region = _blob(rng, yy, xx, radius=(0.14 * size, 0.3 * size))
+        freq = rng.uniform(0.35, 0.7)
+        angle = rng.uniform(0, np.pi)
+        stripes = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        tint = base + rng.uniform(-0.15, 0.15, size=3)
+        image[region] = tint + 0.25 * (stripes[region, None] - 0.5)
+        mask[region] = 1
+
+    num_spots = 0 if rng.random() < 0.25 else int(rng.integers(2, 9))
+    for _ in range(num_spots):
+        r = rng.uniform(0.03, 0.06) * size
+        cy, cx = rng.uniform(r, size - r, size=2)
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        spot = d2 <= r * r
+        # A bright core fading outwards: shape and shading, not a flat colour, mark a spot.
+        shade = 1.0 - 0.5 * d2[spot] / (r * r)
+        colour = np.clip(base + rng.uniform(0.25, 0.45), 0, 1)
+        image[spot] = colour * shade[:, None] + 0.1
+        mask[spot] = 2
+
+    image = image + rng.normal(0.0, 0.06, size=image.shape)
+    mask[_boundary_band(mask)] = ignore_index
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), mask
+
+
+def _write_split(root: Path, split: str, count: int, size: int, seed: int, ignore_index: int) -> None:
+    image_dir, mask_dir = root / "images" / split, root / "masks" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        # One generator per sample: sample i is the same whatever the split's length.
+        rng = np.random.default_rng([seed, i])
+        image, mask = make_sample(rng, size, ignore_index)
+        Image.fromarray(image).save(image_dir / f"{split}_{i:05d}.png")
+        Image.fromarray(mask).save(mask_dir / f"{split}_{i:05d}.png")
+
+
+def ensure_synthetic(
+    root: str | Path,
+    num_train: int = 400,
+    num_val: int = 100,
+    size: int = 128,
+    seed: int = 0,
+    ignore_index: int = 255,
+) -> Path:
+    """Write the dataset under ``root`` unless the same parameters are already there.
+
+    A directory written with other parameters is regenerated; one that holds images but no
+    ``synthetic.json`` was not written by this generator and is left untouched (error).
+    """
+    root = Path(root)
+    params = {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": size,
+        "seed": seed,
+        "ignore_index": ignore_index,
+    }
+    meta_path = root / META_FILE
+    if meta_path.is_file():
+        if json.loads(meta_path.read_text()) == params:
+            return root
+        log.info("synthetic dataset at %s has other parameters; regenerating", root)
+        for sub in ("images", "masks"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        meta_path.unlink()
+    elif (root / "images").exists() or (root / "masks").exists():
+        raise FileExistsError(
+            f"{root}: holds images/ or masks/ but no {META_FILE}, so it was not written by the "
+            "synthetic generator; choose another dataset.root or use dataset=folder"
+        )
+    log.info("writing synthetic dataset (%d train, %d val, %dx%d) to %s", num_train, num_val, size, size, root)
+    _write_split(root, "train", num_train, size, seed, ignore_index)
+    _write_split(root, "val", num_val, size, seed + 1, ignore_index)
+    # Written last: its presence means the whole dataset is complete.
+    meta_path.write_text(json.dumps(params, indent=2))
+    return root
