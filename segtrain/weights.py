@@ -1,0 +1,229 @@
+"""Class-weight strategies computed once from training-set statistics.
+
+    stats = compute_class_stats(train_dataset, num_classes, ignore_index=255)
+    class_weights = compute_class_weights(stats, **cfg.weights)   # (C,) float32
+
+| strategy        | weight of class c                                                    |
+|-----------------|----------------------------------------------------------------------|
+| none            | 1                                                                    |
+| inverse_freq    | total_pixels / pixel_count[c]                                        |
+| sqrt_inv_freq   | sqrt(total_pixels / pixel_count[c])                                  |
+| median_freq     | median(freq) / freq[c], freq[c] = pixel_count[c] / present_pixel_count[c] |
+|                 | (Eigen & Fergus 2015; median over classes present in training)       |
+| enet            | 1 / ln(k + pixel_count[c] / total_pixels), k = 1.02 (Paszke et al. 2016) |
+| effective_num   | (1 - beta) / (1 - beta^n_c), n_c = pixels or images (Cui et al. 2019) |
+| manual          | the user's ``values``                                                |
+
+Then, for every strategy: a class with no training pixel gets 0 (``absent="zero"``, with a
+warning) or stops the run (``absent="error"``); ``normalize="mean"`` rescales so that the
+mean over present classes is 1; ``max_weight`` clips last. Math runs in float64.
+
+Weights are computed once from the whole training split and never per batch: a class
+missing from a small batch has a batch frequency of 0, so inverse-frequency style weights
+for it would be infinite (or, smoothed, huge), and the loss scale would jump from batch to
+batch with the sampling noise rather than reflect the real imbalance.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from segtrain.data.stats import ClassStats, compute_class_stats
+
+__all__ = [
+    "ClassStats",
+    "STRATEGIES",
+    "compute_class_stats",
+    "compute_class_weights",
+    "weights_table",
+]
+
+STRATEGIES = ("none", "inverse_freq", "sqrt_inv_freq", "median_freq", "enet", "effective_num", "manual")
+NORMALIZE = ("none", "mean")
+ABSENT = ("zero", "error")
+COUNT = ("pixels", "images")
+
+
+def _check_choice(name: str, value: object, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(f"weights.{name}={value!r} is not valid; choose one of {list(options)}")
+
+
+def _class_label(c: int, class_names: Sequence[str] | None) -> str:
+    return f"class {c} ({class_names[c]!r})" if class_names is not None else f"class {c}"
+
+
+def _manual_values(values: Sequence[float] | None, num_classes: int) -> np.ndarray:
+    if values is None:
+        raise ValueError("weights.strategy='manual' needs weights.values: one weight per class")
+    out = np.asarray(list(values), dtype=np.float64)
+    if out.ndim != 1 or out.size != num_classes:
+        raise ValueError(
+            f"weights.values has {out.size} entries but num_classes is {num_classes}: give one weight per class"
+        )
+    if not np.isfinite(out).all() or (out < 0).any():
+        raise ValueError(f"weights.values must be finite and >= 0, got {out.tolist()}")
+    return out
+
+
+def _raw_weights(stats: ClassStats, strategy: str, present: np.ndarray, beta: float, count: str, k: float):
+    """Unnormalised float64 weights; only entries where ``present`` is True are meaningful."""
+    # Absent classes get a dummy denominator of 1 so no division by zero ever happens;
+    # their weight is overwritten by the ``absent`` policy afterwards.
+    pixels = np.where(present, stats.pixel_count, 1).astype(np.float64)
+    if strategy == "none":
+        return np.ones(stats.num_classes)
+    if strategy == "inverse_freq":
+        return stats.total_pixels / pixels
+    if strategy == "sqrt_inv_freq":
+        return np.sqrt(stats.total_pixels / pixels)
+    if strategy == "median_freq":
+        freq = stats.present_frequency
+        return np.median(freq[present]) / np.where(present, freq, 1.0)
+    if strategy == "enet":
+        return 1.0 / np.log(k + stats.pixel_count / stats.total_pixels)
+    if strategy == "effective_num":
+        n = stats.pixel_count if count == "pixels" else stats.image_count
+        n = np.where(present, n, 1).astype(np.float64)
+        # 1 - beta^n via expm1: beta^n is within 1e-4 of 1 for small n, where 1 - beta**n
+        # would lose digits to cancellation.
+        exponent = n * math.log(beta)
+        if exponent[present].max() < -20.0:
+            warnings.warn(
+                f"effective_num with beta={beta} and count={count!r}: beta^n is below 2e-9 for every "
+                f"class (smallest n = {int(n[present].min())}), so all weights equal 1 - beta and nothing "
+                "is balanced; use count=images or a beta closer to 1 (about 1 - 1/n)",
+                stacklevel=3,
+            )
+        return (1.0 - beta) / -np.expm1(exponent)
+    raise AssertionError(strategy)  # unreachable: the strategy was checked by the caller
+
+
+def _check_options(strategy, normalize, max_weight, absent, beta, count, k, values) -> None:
+    _check_choice("strategy", strategy, STRATEGIES)
+    _check_choice("normalize", normalize, NORMALIZE)
+    _check_choice("absent", absent, ABSENT)
+    _check_choice("count", count, COUNT)
+    if max_weight is not None and not (math.isfinite(max_weight) and max_weight > 0):
+        raise ValueError(f"weights.max_weight must be null or a finite number > 0, got {max_weight!r}")
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"weights.beta must be in (0, 1) (Cui et al. use 0.9999), got {beta!r}")
+    if not k > 1.0:
+        raise ValueError(f"weights.k must be > 1 so that ln(k + freq) > 0 (ENet uses 1.02), got {k!r}")
+    if values is not None and strategy != "manual":
+        # Most likely weights.values was set but the strategy was left at its default.
+        raise ValueError(f"weights.values is only used by strategy 'manual', not {strategy!r}")
+
+
+def compute_class_weights(
+    stats: ClassStats,
+    strategy: str,
+    *,
+    normalize: str = "none",
+    max_weight: float | None = None,
+    absent: str = "zero",
+    beta: float = 0.9999,
+    count: str = "pixels",
+    k: float = 1.02,
+    values: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Per-class loss weights, a float32 tensor of shape (num_classes,).
+
+    ``strategy`` is one of STRATEGIES (table in the module docstring); the keyword options
+    match the keys of ``configs/weights/*.yaml`` so that ``compute_class_weights(stats,
+    **cfg.weights)`` works. ``class_names`` only makes warnings and errors readable.
+    """
+    _check_options(strategy, normalize, max_weight, absent, beta, count, k, values)
+    num_classes = stats.num_classes
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
+    present = stats.pixel_count > 0
+    if not present.any():
+        raise ValueError("class statistics hold no labelled pixel: every mask is empty or ignore_index")
+
+    if strategy == "manual":
+        weights = _manual_values(values, num_classes)
+    else:
+        weights = _raw_weights(stats, strategy, present, beta, count, k)
+
+    missing = np.flatnonzero(~present).tolist()
+    if missing:
+        names = ", ".join(_class_label(c, class_names) for c in missing)
+        if absent == "error":
+            raise ValueError(
+                f"{names}: no pixel in the training masks, so no weight can be computed "
+                "(weights.absent=error); fix the data or num_classes, or set weights.absent=zero"
+            )
+        warnings.warn(f"{names}: no pixel in the training masks; its class weight is set to 0", stacklevel=2)
+        weights = np.where(present, weights, 0.0)
+
+    if normalize == "mean":
+        mean = weights[present].mean()
+        if not mean > 0:
+            raise ValueError(f"cannot normalize weights whose mean over present classes is {mean}")
+        weights = weights / mean
+    if max_weight is not None:
+        weights = np.minimum(weights, float(max_weight))
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _format_rows(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        # Names left-aligned, numbers right-aligned so that digits line up.
+        cells = zip(row, widths)
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(cells))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *map(fmt, rows)])
+
+
+def weights_table(
+    stats: ClassStats,
+    class_names: Sequence[str] | None,
+    chosen_strategy: str,
+    weights: torch.Tensor | Sequence[float] | None = None,
+) -> str:
+    """Plain-text per-class table: counts, shares, freq and the weight under each strategy.
+
+    Columns are computed with default options; the chosen strategy is marked with ``*``.
+    ``weights`` (the ones actually used, after normalize/max_weight or manual values) adds a
+    ``used`` column. For TensorBoard text, indent every line by four spaces so Markdown keeps
+    it as a fixed-width block.
+    """
+    _check_choice("strategy", chosen_strategy, STRATEGIES)
+    num_classes = stats.num_classes
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} entries but num_classes is {num_classes}")
+    strategies = [s for s in STRATEGIES if s != "manual"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the absent-class warning belongs to the real call
+        columns = [compute_class_weights(stats, s).tolist() for s in strategies]
+
+    header = ["class", "pixels", "share", "images", "freq"]
+    header += [s + ("*" if s == chosen_strategy else "") for s in strategies]
+    used = None
+    if weights is not None:
+        used = torch.as_tensor(weights, dtype=torch.float64).flatten().tolist()
+        if len(used) != num_classes:
+            raise ValueError(f"weights has {len(used)} entries but num_classes is {num_classes}")
+        header.append(f"used ({chosen_strategy})")
+    share, freq = stats.frequency, stats.present_frequency
+    rows = []
+    for c in range(num_classes):
+        row = [names[c], f"{stats.pixel_count[c]:,}", f"{100 * share[c]:.2f}%", f"{stats.image_count[c]:,}"]
+        row.append(f"{freq[c]:.5f}")
+        row += [f"{col[c]:.4g}" for col in columns]
+        if used is not None:
+            row.append(f"{used[c]:.4g}")
+        rows.append(row)
+    footer = f"{stats.num_images:,} images, {stats.total_pixels:,} labelled pixels; * = chosen strategy"
+    return _format_rows(header, rows) + "\n" + footer
