@@ -1,0 +1,32 @@
+"""Segmentation losses: pure math in ``functional`` / ``functional_overlap``, thin modules, composition.
+
+Every multiclass loss takes ``(logits (N, C, H, W), target (N, H, W) int64)`` and honours
+``ignore_index`` exactly; ``build_loss(cfg.loss, class_weights, num_classes, ignore_index)``
+turns a configs/loss/*.yaml into a CompositeLoss whose forward returns
+``{"loss": weighted sum, <term>: unweighted value}``.
+"""
+
+from segtrain.losses.composite import CompositeLoss
+from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLoss, OhemCrossEntropyLoss
+from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
+from segtrain.losses.factory import BINARY_LOSS_REGISTRY, LOSS_REGISTRY, build_loss
+from segtrain.losses.focal import BinaryFocalLoss, FocalLoss
+from segtrain.losses.lovasz import LovaszSoftmaxLoss
+from segtrain.losses.tversky import TverskyLoss
+
+__all__ = [
+    "BINARY_LOSS_REGISTRY",
+    "LOSS_REGISTRY",
+    "BinaryCrossEntropyLoss",
+    "BinaryDiceLoss",
+    "BinaryFocalLoss",
+    "CompositeLoss",
+    "CrossEntropyLoss",
+    "DiceLoss",
+    "FocalLoss",
+    "GeneralizedDiceLoss",
+    "LovaszSoftmaxLoss",
+    "OhemCrossEntropyLoss",
+    "TverskyLoss",
+    "build_loss",
+]

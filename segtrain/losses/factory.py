@@ -1,0 +1,127 @@
+"""Build a CompositeLoss from the ``loss`` config group (configs/loss/*.yaml)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from segtrain.losses.composite import CompositeLoss
+from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLoss, OhemCrossEntropyLoss
+from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
+from segtrain.losses.focal import BinaryFocalLoss, FocalLoss
+from segtrain.losses.functional import as_class_weights
+from segtrain.losses.lovasz import LovaszSoftmaxLoss
+from segtrain.losses.tversky import TverskyLoss
+
+# Term name -> class, for multiclass (softmax) models.
+LOSS_REGISTRY: dict[str, type[nn.Module]] = {
+    "ce": CrossEntropyLoss,
+    "focal": FocalLoss,
+    "dice": DiceLoss,
+    "binary_focal": BinaryFocalLoss,
+    "ohem": OhemCrossEntropyLoss,
+    "gdice": GeneralizedDiceLoss,
+    "tversky": TverskyLoss,
+    "lovasz": LovaszSoftmaxLoss,
+}
+# num_classes=1 (one sigmoid channel): the same names pick the sigmoid counterparts, so
+# loss=ce, loss=focal_dice, ... work unchanged for binary datasets.
+BINARY_LOSS_REGISTRY: dict[str, type[nn.Module]] = {
+    "ce": BinaryCrossEntropyLoss,
+    "focal": BinaryFocalLoss,
+    "binary_focal": BinaryFocalLoss,
+    "dice": BinaryDiceLoss,
+}
+# Keys of a term that build_loss reads itself; every other key goes to the constructor.
+TERM_KEYS = ("weight", "use_class_weights")
+
+
+def build_loss(
+    loss_cfg: Mapping[str, Any] | DictConfig,
+    class_weights: torch.Tensor | Sequence[float] | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+) -> CompositeLoss:
+    """Build the weighted sum of the terms in ``loss_cfg["terms"]``.
+
+        cfg = {"terms": {"focal": {"weight": 1.0, "gamma": 2.0}, "dice": {"weight": 1.0}}}
+        loss_fn = build_loss(cfg, class_weights, num_classes=5).to(device)
+        out = loss_fn(logits, masks)  # {"loss": focal + dice, "focal": ..., "dice": ...}
+
+    Term names are the keys of LOSS_REGISTRY (BINARY_LOSS_REGISTRY when num_classes == 1).
+    Per term, ``weight`` (default 1.0) scales it in the sum and ``use_class_weights``
+    (default true) lets ``class_weights`` reach it when its class takes a ``weight``; every
+    other key is a constructor argument. ``ignore_index`` goes to every term.
+    """
+    terms_cfg = _terms_of(loss_cfg)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
+    class_weights = as_class_weights(class_weights)
+    if class_weights is not None and num_classes is not None and len(class_weights) != num_classes:
+        raise ValueError(f"class_weights has {len(class_weights)} entries but num_classes is {num_classes}")
+    registry = BINARY_LOSS_REGISTRY if num_classes == 1 else LOSS_REGISTRY
+    terms = {
+        name: _build_term(str(name), term_cfg, registry, class_weights, num_classes, ignore_index)
+        for name, term_cfg in terms_cfg.items()
+    }
+    return CompositeLoss(terms)
+
+
+def _terms_of(loss_cfg: Mapping[str, Any] | DictConfig) -> Mapping[str, Any]:
+    if isinstance(loss_cfg, DictConfig):
+        loss_cfg = OmegaConf.to_container(loss_cfg, resolve=True)
+    if not isinstance(loss_cfg, Mapping):
+        raise TypeError(f"loss config must be a mapping with a 'terms' key, got {type(loss_cfg).__name__}")
+    extra = sorted(set(loss_cfg) - {"terms"})
+    if extra:
+        raise ValueError(f"loss config: unknown key(s) {extra}; the only key is 'terms' (see configs/loss/)")
+    terms = loss_cfg.get("terms")
+    if not isinstance(terms, Mapping) or not terms:
+        raise ValueError(f"loss config: 'terms' must be a non-empty mapping of term name -> options, got {terms!r}")
+    return terms
+
+
+def _build_term(
+    name: str,
+    term_cfg: Mapping[str, Any] | None,
+    registry: Mapping[str, type[nn.Module]],
+    class_weights: torch.Tensor | None,
+    num_classes: int | None,
+    ignore_index: int | None,
+) -> tuple[nn.Module, float]:
+    if name not in registry:
+        mode = "binary (num_classes=1)" if registry is BINARY_LOSS_REGISTRY else "multiclass"
+        raise ValueError(f"unknown {mode} loss term {name!r}; valid terms: {', '.join(sorted(registry))}")
+    if name == "binary_focal" and num_classes is not None and num_classes > 1:
+        raise ValueError(
+            f"loss term 'binary_focal' needs one-channel logits (num_classes=1), got num_classes={num_classes}"
+        )
+    if term_cfg is not None and not isinstance(term_cfg, Mapping):
+        raise ValueError(f"loss term {name!r}: expected a mapping of options, got {term_cfg!r}")
+    options = dict(term_cfg or {})
+    weight = options.pop("weight", 1.0)
+    use_class_weights = options.pop("use_class_weights", True)
+    if not isinstance(use_class_weights, bool):
+        raise ValueError(f"loss term {name!r}: use_class_weights must be true or false, got {use_class_weights!r}")
+
+    cls = registry[name]
+    params = inspect.signature(cls).parameters
+    # weight and ignore_index come from build_loss's arguments, once for every term.
+    accepted = [p for p in params if p not in ("weight", "ignore_index")]
+    for key in options:
+        if key not in accepted:
+            hint = "; ignore_index is set for all terms by the dataset" if key == "ignore_index" else ""
+            raise ValueError(
+                f"loss term {name!r} ({cls.__name__}): unknown option {key!r}{hint}; "
+                f"valid options: {', '.join([*TERM_KEYS, *accepted])}"
+            )
+    if "weight" in params and use_class_weights and class_weights is not None:
+        options["weight"] = class_weights
+    if "ignore_index" in params:
+        options["ignore_index"] = ignore_index
+    return cls(**options), weight
