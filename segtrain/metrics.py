@@ -1,0 +1,95 @@
+"""Dataset-level segmentation metrics from one confusion matrix.
+
+Counts are summed over the whole split and only then turned into ratios; averaging
+per-batch scores instead over-weights small batches and images without a class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ConfusionMatrix:
+    """A (C, C) count matrix on the model's device; rows = true class, columns = predicted.
+
+    ``update`` costs one bincount and never synchronises with the host, so it can run every
+    evaluation step without stalling a GPU.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    @torch.no_grad()
+    def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds_or_logits``: logits (N, C, H, W), arg-maxed here, or labels (N, H, W)."""
+        preds = preds_or_logits.argmax(dim=1) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
+        if preds.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(preds.shape)} does not match target {tuple(target.shape)}")
+        valid = target != self.ignore_index
+        if self.matrix.device != target.device:
+            self.matrix = self.matrix.to(target.device)
+        index = target[valid].long() * self.num_classes + preds[valid].long()
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+
+    def compute(self) -> dict[str, torch.Tensor | float]:
+        """Per-class ``iou``, ``f1`` (Dice on hard labels), ``precision``, ``recall``, ``acc``
+        (float64 tensors; NaN where undefined) and the scalars ``mIoU``, ``mDice``, ``pixel_acc``.
+
+        A class with tp + fp + fn = 0 (never present, never predicted) has NaN IoU/F1 and is
+        left out of the means.
+        """
+        m = self.matrix.double().cpu()
+        tp = m.diag()
+        fp = m.sum(0) - tp
+        fn = m.sum(1) - tp
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+
+        def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+            return torch.where(den > 0, num / den.clamp_min(1), nan)
+
+        iou = ratio(tp, tp + fp + fn)
+        f1 = ratio(2 * tp, 2 * tp + fp + fn)
+        total = m.sum()
+        return {
+            "iou": iou,
+            "f1": f1,
+            "precision": ratio(tp, tp + fp),
+            "recall": ratio(tp, tp + fn),
+            "acc": ratio(tp, tp + fn),
+            "mIoU": float(iou.nanmean()),
+            "mDice": float(f1.nanmean()),
+            "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+        }
+
+
+def flatten_metrics(result: dict, class_names: list[str], prefix: str = "val") -> dict[str, float]:
+    """``{"val/mIoU": ..., "val/iou/<class>": ...}``: the names used in logs, TensorBoard and metrics.json."""
+    flat: dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, torch.Tensor):
+            name = "dice" if key == "f1" else key
+            for class_name, v in zip(class_names, value.tolist()):
+                flat[f"{prefix}/{name}/{class_name}"] = v
+        else:
+            flat[f"{prefix}/{key}"] = value
+    return flat
+
+
+def format_table(result: dict, class_names: list[str]) -> str:
+    """A per-class text table: IoU, Dice (F1), precision, recall."""
+    width = max(10, *(len(n) for n in class_names))
+    header = f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'prec':>6}  {'recall':>6}"
+    rows = [header, "-" * len(header)]
+    for c, name in enumerate(class_names):
+        cells = [result[k][c].item() for k in ("iou", "f1", "precision", "recall")]
+        rows.append(f"{name:<{width}}  " + "  ".join(f"{v:6.4f}" for v in cells))
+    rows.append("-" * len(header))
+    rows.append(f"{'mean':<{width}}  {result['mIoU']:6.4f}  {result['mDice']:6.4f}   pixel acc {result['pixel_acc']:.4f}")
+    return "\n".join(rows)

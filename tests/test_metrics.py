@@ -1,0 +1,78 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import jaccard_score, precision_recall_fscore_support
+
+from segtrain.metrics import ConfusionMatrix, flatten_metrics, format_table
+
+
+def _random_case(seed: int, num_classes: int = 4, absent: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, (3, 9, 11), generator=g)
+    target[target == absent] = 0  # class `absent` never occurs in the target...
+    target[:, :2] = 255  # ...and a band of ignored pixels
+    logits = torch.randn(3, num_classes, 9, 11, generator=g)
+    logits[:, absent] -= 100  # ...nor in the predictions
+    return logits, target
+
+
+def test_per_class_values_match_scikit_learn():
+    logits, target = _random_case(0)
+    cm = ConfusionMatrix(4)
+    cm.update(logits[:2], target[:2])
+    cm.update(logits[2:], target[2:])
+    out = cm.compute()
+    valid = target != 255
+    y_true, y_pred = target[valid].numpy(), logits.argmax(1)[valid].numpy()
+    labels = [0, 1, 2]
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    j = jaccard_score(y_true, y_pred, labels=labels, average=None)
+    np.testing.assert_allclose(out["precision"][:3].numpy(), p, rtol=1e-12)
+    np.testing.assert_allclose(out["recall"][:3].numpy(), r, rtol=1e-12)
+    np.testing.assert_allclose(out["f1"][:3].numpy(), f, rtol=1e-12)
+    np.testing.assert_allclose(out["iou"][:3].numpy(), j, rtol=1e-12)
+    assert all(math.isnan(out[k][3].item()) for k in ("iou", "f1", "precision", "recall"))
+    assert out["mIoU"] == pytest.approx(j.mean(), rel=1e-12)
+    assert out["mDice"] == pytest.approx(f.mean(), rel=1e-12)
+    assert out["pixel_acc"] == pytest.approx((y_true == y_pred).mean(), rel=1e-12)
+
+
+def test_hand_computed_case_and_labels_input():
+    target = torch.tensor([[[0, 0, 1, 1, 255]]])
+    preds = torch.tensor([[[0, 1, 1, 1, 0]]])
+    cm = ConfusionMatrix(2)
+    cm.update(preds, target)
+    assert cm.matrix.tolist() == [[1, 1], [0, 2]]
+    out = cm.compute()
+    assert out["iou"].tolist() == pytest.approx([1 / 2, 2 / 3])
+    assert out["f1"].tolist() == pytest.approx([2 / 3, 4 / 5])
+    assert out["precision"].tolist() == pytest.approx([1.0, 2 / 3])
+    assert out["recall"].tolist() == pytest.approx([1 / 2, 1.0])
+
+
+def test_dataset_level_differs_from_mean_of_batches():
+    # Batch 1: the rare class is tiny and missed; batch 2: it is large and found.
+    t1, p1 = torch.tensor([[[0, 0, 0, 1]]]), torch.tensor([[[0, 0, 0, 0]]])
+    t2, p2 = torch.tensor([[[1, 1, 1, 0]]]), torch.tensor([[[1, 1, 1, 0]]])
+    whole = ConfusionMatrix(2)
+    per_batch = []
+    for t, p in ((t1, p1), (t2, p2)):
+        whole.update(p, t)
+        single = ConfusionMatrix(2)
+        single.update(p, t)
+        per_batch.append(single.compute()["mIoU"])
+    # Dataset level: class 0 tp=4 fp=1 -> 4/5, class 1 tp=3 fn=1 -> 3/4.
+    assert whole.compute()["mIoU"] == pytest.approx((4 / 5 + 3 / 4) / 2)
+    assert np.mean(per_batch) == pytest.approx(((3 / 4 + 0) / 2 + 1.0) / 2)
+    assert whole.compute()["mIoU"] != pytest.approx(np.mean(per_batch))
+
+
+def test_flatten_and_table_use_class_names():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    out = cm.compute()
+    flat = flatten_metrics(out, ["sky", "car"])
+    assert flat["val/dice/car"] == 1.0 and flat["val/iou/sky"] == 1.0 and flat["val/mDice"] == 1.0
+    assert "car" in format_table(out, ["sky", "car"])
