@@ -1,0 +1,201 @@
+"""Compose the objects a run needs from its config, then hand them to ``engine.fit``.
+
+This is the only module that reads the config tree; everything it calls takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.checkpoint import load_checkpoint, set_rng_state
+from segtrain.data import EpochSampler, FolderDataset, ensure_synthetic, eval_transform, pad_collate, train_transform
+from segtrain.engine import FitOptions, Runtime, TrainState, evaluate, fit
+from segtrain.logging import TensorBoardLogger
+from segtrain.losses import build_loss
+from segtrain.metrics import flatten_metrics
+from segtrain.optim import param_groups
+from segtrain.weights import compute_class_stats, compute_class_weights, weights_table
+
+log = logging.getLogger(__name__)
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu or auto")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with native bf16 units),
+    else fp16 on CUDA and full precision on CPU, where emulated bf16 is slower than fp32."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"trainer.amp={amp!r}; valid: {', '.join(AMP_CHOICES)}")
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def class_names_of(ds: DictConfig) -> list[str]:
+    names = ds.get("class_names") or [f"class_{i}" for i in range(ds.num_classes)]
+    if len(names) != ds.num_classes:
+        raise ValueError(f"dataset.class_names has {len(names)} names but dataset.num_classes={ds.num_classes}")
+    return list(names)
+
+
+def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
+    root = Path(ds.root).expanduser()
+    if ds.name == "synthetic":
+        ensure_synthetic(root, ignore_index=ds.ignore_index, **ds.generate)
+    aug = OmegaConf.to_container(ds.augment)
+    common = dict(root=root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
+    train_set = FolderDataset(split=ds.train_split, transform=train_transform(
+        ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std, **aug), **common)
+    val_set = FolderDataset(split=ds.val_split, transform=eval_transform(mean=ds.mean, std=ds.std), **common)
+    return train_set, val_set
+
+
+def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
+    tr = cfg.trainer
+    pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
+    draws_per_step = tr.batch_size * tr.grad_accum
+    if len(train_set) < draws_per_step:
+        raise ValueError(f"{train_set.root}: split '{train_set.split}' has {len(train_set)} images, fewer than "
+                         f"trainer.batch_size * trainer.grad_accum = {draws_per_step}")
+    collate = lambda batch: pad_collate(batch, cfg.dataset.ignore_index)  # noqa: E731
+    sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=tr.num_workers, pin_memory=pin,
+        collate_fn=collate, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=cfg.dataset.batch_size_val, shuffle=False, num_workers=tr.num_workers,
+        pin_memory=pin, collate_fn=collate)
+    return train_loader, val_loader, len(train_set) // draws_per_step
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file")
+    return path
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler, class_weights) -> TrainState:
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    saved = ckpt.get("class_weights")
+    if saved is not None and not torch.allclose(saved, class_weights.cpu()):
+        log.warning("class weights differ from the checkpoint's: %s now, %s in %s", class_weights.tolist(),
+                    saved.tolist(), path)
+    state = TrainState(**ckpt["train_state"])
+    log.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
+    return state
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the best monitored score."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tr, ds = cfg.trainer, cfg.dataset
+    seed_everything(cfg.seed, tr.deterministic)
+    device = resolve_device(tr.device)
+    rt = Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
+    class_names = class_names_of(ds)
+
+    train_set, val_set = build_datasets(ds)
+    stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index, num_workers=tr.num_workers)
+    class_weights = compute_class_weights(stats, class_names=class_names, **cfg.weights)
+    table = weights_table(stats, class_names, cfg.weights.strategy)
+    log.info("class statistics of %s/%s (%d images):\n%s", train_set.root, train_set.split, stats.num_images, table)
+
+    train_loader, val_loader, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)
+    model = instantiate(cfg.model).to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index).to(device)
+    optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * tr.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
+
+    state = TrainState()
+    resume_path = resolve_resume(tr.resume, run_dir)
+    if resume_path is not None:
+        state = _restore(resume_path, model, optimizer, scheduler, scaler, class_weights)
+    forward_model = torch.compile(model) if tr.compile else model
+
+    log.info("run directory: %s", run_dir.resolve())
+    log.info("device %s, amp %s, %d train / %d val images, %d steps per epoch, %d epochs", device,
+             rt.amp_dtype or "none", len(train_set), len(val_set), steps_per_epoch, tr.epochs)
+    log.info("open the dashboards with: tensorboard --logdir %s", run_dir.resolve())
+    logger = TensorBoardLogger(run_dir / "tensorboard", class_names)
+    logger.text("data/class_weights", table)
+    opts = FitOptions(
+        epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
+        ignore_index=ds.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip, log_every=tr.log_every,
+        eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor, monitor_mode=tr.monitor_mode,
+        progress=tr.progress)
+    extra = {"config": OmegaConf.to_yaml(cfg, resolve=True), "class_names": class_names,
+             "class_weights": class_weights.cpu()}
+    start = time.perf_counter()
+    try:
+        final = fit(forward_model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, rt, state,
+                    opts, run_dir, logger, extra)
+        if not final:  # resumed from a finished run: nothing left to train, still report
+            final = flatten_metrics(evaluate(forward_model, val_loader, loss_fn, rt, ds.num_classes,
+                                             ds.ignore_index), class_names, "val")
+    finally:
+        logger.close()
+    summary = {
+        "class_names": class_names,
+        "class_weights": class_weights.tolist(),
+        "weights_strategy": cfg.weights.strategy,
+        "monitor": tr.monitor,
+        "final": final,
+        "best": state.best_metrics,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "wall_time_s": time.perf_counter() - start,
+        "train_time_s": state.train_seconds,
+        "images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],
+             state.best_score, state.best_metrics.get("step"), run_dir / "metrics.json")
+    return state.best_score

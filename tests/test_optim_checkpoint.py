@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+
+from segtrain.checkpoint import load_checkpoint, save_checkpoint
+from segtrain.optim import build_scheduler, param_groups
+
+
+def _lrs(name, steps=10, **kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, total_steps=steps, name=name, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_poly_cosine_and_warmup_follow_their_formulas():
+    assert _lrs("poly", power=0.9) == pytest.approx([(1 - s / 10) ** 0.9 for s in range(10)])
+    assert _lrs("cosine") == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)])
+    assert _lrs("none", warmup_steps=4)[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    with pytest.raises(ValueError, match="valid: poly, cosine, none"):
+        _lrs("step")
+
+
+def test_param_groups_exclude_norms_and_biases_from_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 3, 3, 3)] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    assert load_checkpoint(path) == {"step": 1}
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_load_refuses_pickled_objects_and_names_the_file(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"f": print}, path)  # a builtin function: allowed by pickle, refused by weights_only
+    with pytest.raises(RuntimeError, match="evil.pt: not a readable segtrain checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,117 @@
+"""End-to-end runs through the real entry point, on the `debug=fast` settings."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from segtrain.checkpoint import load_checkpoint
+from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
+from segtrain.losses import build_loss
+from segtrain.train import build_datasets, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    values = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def test_two_step_run_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run_cli(["debug=fast", f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(run_dir) in proc.stdout + proc.stderr
+    assert f"tensorboard --logdir {run_dir}" in proc.stdout + proc.stderr
+    for rel in ("config.yaml", "train.log", ".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt",
+                "metrics.json"):
+        assert (run_dir / rel).is_file(), rel
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["class_names"] == ["background", "region", "spot"]
+    assert metrics["steps"] == 2 and len(metrics["class_weights"]) == 3
+    assert metrics["weights_strategy"] == "median_freq"
+    assert set(metrics["final"]) >= {"val/mIoU", "val/mDice", "val/iou/spot", "val/dice/region", "val/loss"}
+    assert metrics["best"]["step"] == 2 and metrics["images_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert "spot" in (run_dir / "train.log").read_text()  # the per-class table went to the log
+    ckpt = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert ckpt["train_state"]["step"] == 2 and ckpt["class_names"] == metrics["class_names"]
+    assert _scalars(run_dir, "train/loss").keys() == {1, 2}
+    assert 2 in _scalars(run_dir, "val/dice/spot")
+
+
+def test_cli_typo_lists_the_valid_options(tmp_path):
+    proc = _run_cli(["loss=focal_dcie"], cwd=ROOT)
+    assert proc.returncode != 0
+    assert "focal_dcie" in proc.stderr and "Available options" in proc.stderr and "focal_dice" in proc.stderr
+    assert not (ROOT / "outputs" / "focal_dcie").exists()
+
+
+def test_loss_decreases_on_a_fixed_batch(compose_cfg, fast_overrides):
+    cfg = compose_cfg(fast_overrides)
+    train_set, _ = build_datasets(cfg.dataset)
+    images, masks = map(torch.stack, zip(*(train_set[(i, i)] for i in range(4))))
+    model = instantiate(cfg.model)
+    loss_fn = build_loss(cfg.loss, None, num_classes=3, ignore_index=255)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opts = FitOptions(epochs=1, steps_per_epoch=30, batch_size=4, class_names=["a", "b", "c"], log_every=30,
+                      progress=False)
+    with torch.no_grad():  # train-mode forward: batch statistics, as the optimised loss sees them
+        before = loss_fn(model(images), masks)["loss"].item()
+    train_one_epoch(model, itertools.repeat((images, masks)), loss_fn, optimizer, scheduler, scaler,
+                    Runtime(torch.device("cpu")), TrainState(), opts)
+    with torch.no_grad():
+        after = loss_fn(model(images), masks)["loss"].item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_resume_continues_step_count_and_schedule_exactly(compose_cfg, fast_overrides, tmp_path):
+    common = fast_overrides + ["trainer.epochs=2", "trainer.batch_size=2", "trainer.log_every=1"]
+    full = tmp_path / "full"
+    train(compose_cfg(common + ["trainer.max_steps=null"]), full)
+    stopped = tmp_path / "stopped"
+    train(compose_cfg(common + ["trainer.max_steps=3"]), stopped)
+    assert load_checkpoint(stopped / "checkpoints/last.pt")["train_state"]["step"] == 3
+    resumed = tmp_path / "resumed"
+    train(compose_cfg(common + ["trainer.max_steps=null", f"trainer.resume={stopped / 'checkpoints/last.pt'}"]),
+          resumed)
+
+    lr_full, lr_resumed = _scalars(full, "train/lr"), _scalars(resumed, "train/lr")
+    assert sorted(lr_full) == list(range(1, 9))  # 8 images / batch 2 = 4 steps per epoch, 2 epochs
+    assert sorted(lr_resumed) == list(range(4, 9))
+    assert all(lr_resumed[s] == lr_full[s] for s in lr_resumed)
+    loss_full, loss_resumed = _scalars(full, "train/loss"), _scalars(resumed, "train/loss")
+    assert all(loss_resumed[s] == pytest.approx(loss_full[s], rel=1e-5) for s in loss_resumed)
+    end_full = load_checkpoint(full / "checkpoints/last.pt")
+    end_resumed = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert end_resumed["train_state"]["step"] == end_full["train_state"]["step"] == 8
+    assert end_resumed["train_state"]["epoch"] == 2
+    for key, value in end_full["model"].items():
+        torch.testing.assert_close(end_resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_auto_picks_up_the_run_directory(compose_cfg, fast_overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_cfg(fast_overrides + ["trainer.epochs=2", "trainer.max_steps=2"]), run_dir)
+    train(compose_cfg(fast_overrides + ["trainer.epochs=2", "trainer.max_steps=4", "trainer.resume=auto"]), run_dir)
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["train_state"]["step"] == 4
+    assert sorted(_scalars(run_dir, "train/loss")) == [1, 2, 3, 4]
