@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from segtrain.data import EpochSampler, FolderDataset, ensure_synthetic, eval_tr
 from segtrain.engine import FitOptions, Runtime, TrainState, evaluate, fit
 from segtrain.logging import TensorBoardLogger
 from segtrain.losses import build_loss
-from segtrain.metrics import flatten_metrics
+from segtrain.metrics import ConfusionMatrix, flatten_metrics
 from segtrain.optim import param_groups
 from segtrain.weights import compute_class_stats, compute_class_weights, weights_table
 
@@ -63,11 +64,32 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = os.cpu_count() or 1
+    # Training on a small CPU, loader workers steal cores from the convolutions (see
+    # docs/BENCHMARKS.md); a GPU run leaves the cores free for decoding.
+    if device.type == "cpu" and cores <= 4:
+        return 0
+    return min(8, cores)
+
+
 def class_names_of(ds: DictConfig) -> list[str]:
     names = ds.get("class_names") or [f"class_{i}" for i in range(ds.num_classes)]
     if len(names) != ds.num_classes:
         raise ValueError(f"dataset.class_names has {len(names)} names but dataset.num_classes={ds.num_classes}")
     return list(names)
+
+
+def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
+    """Fail before training, not at the first evaluation, on a misspelt metric name."""
+    # The names an evaluation will produce: those of an empty confusion matrix, plus the loss.
+    valid = set(flatten_metrics(ConfusionMatrix(len(class_names)).compute(), class_names, "val")) | {"val/loss"}
+    if monitor not in valid:
+        raise KeyError(f"trainer.monitor={monitor!r} is not a logged metric; valid: {', '.join(sorted(valid))}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"trainer.monitor_mode={mode!r}; valid: max, min")
 
 
 def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
@@ -84,6 +106,7 @@ def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
 
 def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
     tr = cfg.trainer
+    workers = resolve_num_workers(tr.num_workers, device)
     pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
     draws_per_step = tr.batch_size * tr.grad_accum
     if len(train_set) < draws_per_step:
@@ -92,10 +115,10 @@ def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
     collate = lambda batch: pad_collate(batch, cfg.dataset.ignore_index)  # noqa: E731
     sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=tr.num_workers, pin_memory=pin,
+        train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
         collate_fn=collate, drop_last=True)
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=cfg.dataset.batch_size_val, shuffle=False, num_workers=tr.num_workers,
+        val_set, batch_size=cfg.dataset.batch_size_val, shuffle=False, num_workers=workers,
         pin_memory=pin, collate_fn=collate)
     return train_loader, val_loader, len(train_set) // draws_per_step
 
@@ -138,9 +161,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     device = resolve_device(tr.device)
     rt = Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
     class_names = class_names_of(ds)
+    check_monitor(tr.monitor, tr.monitor_mode, class_names)
 
     train_set, val_set = build_datasets(ds)
-    stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index, num_workers=tr.num_workers)
+    stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
+                                num_workers=resolve_num_workers(tr.num_workers, device))
     class_weights = compute_class_weights(stats, class_names=class_names, **cfg.weights)
     table = weights_table(stats, class_names, cfg.weights.strategy)
     log.info("class statistics of %s/%s (%d images):\n%s", train_set.root, train_set.split, stats.num_images, table)
@@ -198,4 +223,5 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],
              state.best_score, state.best_metrics.get("step"), run_dir / "metrics.json")
+    log.info("dashboards: tensorboard --logdir %s", run_dir.resolve())
     return state.best_score

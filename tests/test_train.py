@@ -115,3 +115,63 @@ def test_resume_auto_picks_up_the_run_directory(compose_cfg, fast_overrides, tmp
     train(compose_cfg(fast_overrides + ["trainer.epochs=2", "trainer.max_steps=4", "trainer.resume=auto"]), run_dir)
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["train_state"]["step"] == 4
     assert sorted(_scalars(run_dir, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    # A model without batch statistics: two accumulated micro-batches of 2 must give the same
+    # update as one batch of 4 (every pixel valid, so each micro-batch's mean has equal weight).
+    g = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4, 6, 6), generator=g)
+    loss_fn = build_loss({"terms": {"ce": {"weight": 1.0}}}, None, num_classes=3)
+    results = []
+    for batch, accum in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 3, 3, padding=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        batches = [(images[i : i + batch], masks[i : i + batch]) for i in range(0, 4, batch)]
+        opts = FitOptions(epochs=1, steps_per_epoch=1, batch_size=batch, class_names=["a", "b", "c"],
+                          grad_accum=accum, progress=False)
+        state = TrainState()
+        train_one_epoch(model, iter(batches), loss_fn, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                        Runtime(torch.device("cpu")), state, opts)
+        assert state.step == 1 and state.images_seen == 4
+        results.append(model.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0], torch.nn.Conv2d(3, 3, 3, padding=1).weight)
+
+
+def test_amp_and_device_choices_are_checked():
+    from segtrain.train import resolve_amp, resolve_device, resolve_num_workers
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("none", cpu) is None and resolve_amp("bf16", cpu) is torch.bfloat16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert resolve_amp("auto", cpu) is expected
+    with pytest.raises(ValueError, match=r"trainer.amp='bf61'; valid: auto, bf16, fp16, none"):
+        resolve_amp("bf61", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="trainer.device='cuda' but CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_num_workers(3, cpu) == 3
+
+
+def test_bad_config_values_fail_before_training(compose_cfg, fast_overrides, tmp_path):
+    cfg = compose_cfg(fast_overrides + ["trainer.monitor=val/mdice"])
+    with pytest.raises(KeyError, match=r"trainer.monitor='val/mdice' is not a logged metric; valid: .*val/mDice"):
+        train(cfg, tmp_path / "run")
+    cfg = compose_cfg(fast_overrides + ["dataset.class_names=[a,b]"])
+    with pytest.raises(ValueError, match=r"dataset.class_names has 2 names but dataset.num_classes=3"):
+        train(cfg, tmp_path / "run2")
+    cfg = compose_cfg(fast_overrides + [f"trainer.resume={tmp_path / 'nope.pt'}"])
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        train(cfg, tmp_path / "run3")
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_run_saves_plain_weights(compose_cfg, fast_overrides, tmp_path):
+    train(compose_cfg(fast_overrides + ["trainer.compile=true", "trainer.channels_last=true"]), tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    assert not any(k.startswith("_orig_mod") for k in state)
+    model = instantiate(compose_cfg(fast_overrides).model)
+    model.load_state_dict(state)  # strict: every key matches the plain module

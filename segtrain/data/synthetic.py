@@ -2,8 +2,9 @@
 
 Three classes on textured, noisy backgrounds:
   0 background  ~75% of pixels, a smooth colour field with pixel noise,
-  1 region      ~20%, one or two large irregular blobs with a striped texture,
-  2 spot        a few percent, small discs; a quarter of the images have none.
+  1 region      ~20%, one or two large irregular blobs with a faint striped texture,
+  2 spot        ~2%, small shaded discs; a quarter of the images have none, and flat
+                square distractors of the same colours sit in the background.
 A one-pixel band around every object boundary is labelled ``ignore_index`` (255), as in
 Pascal VOC, so that border pixels whose class is ambiguous neither train nor score.
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("background", "region", "spot")
 META_FILE = "synthetic.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
@@ -81,8 +82,16 @@ def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) ->
         angle = rng.uniform(0, np.pi)
         stripes = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))
         tint = base + rng.uniform(-0.15, 0.15, size=3)
-        image[region] = tint + 0.25 * (stripes[region, None] - 0.5)
+        image[region] = tint + 0.18 * (stripes[region, None] - 0.5)
         mask[region] = 1
+
+    # Distractors: small flat squares of spot-like colour in the background. They are
+    # background, so the rare class has to be told apart by shape and shading, not colour.
+    for _ in range(rng.integers(0, 4)):
+        half = int(rng.uniform(0.02, 0.045) * size) + 1
+        cy, cx = rng.integers(half, size - half, size=2)
+        patch = (slice(cy - half, cy + half), slice(cx - half, cx + half))
+        image[patch] = np.clip(base + rng.uniform(0.12, 0.3), 0, 1)
 
     num_spots = 0 if rng.random() < 0.25 else int(rng.integers(2, 9))
     for _ in range(num_spots):
@@ -90,13 +99,13 @@ def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) ->
         cy, cx = rng.uniform(r, size - r, size=2)
         d2 = (yy - cy) ** 2 + (xx - cx) ** 2
         spot = d2 <= r * r
-        # A bright core fading outwards: shape and shading, not a flat colour, mark a spot.
-        shade = 1.0 - 0.5 * d2[spot] / (r * r)
-        colour = np.clip(base + rng.uniform(0.25, 0.45), 0, 1)
-        image[spot] = colour * shade[:, None] + 0.1
+        # A core fading outwards: shape and shading, not a flat colour, mark a spot.
+        shade = 1.0 - 0.35 * d2[spot] / (r * r)
+        colour = np.clip(base + rng.uniform(0.12, 0.3), 0, 1)
+        image[spot] = colour * shade[:, None] + 0.05
         mask[spot] = 2
 
-    image = image + rng.normal(0.0, 0.06, size=image.shape)
+    image = image + rng.normal(0.0, 0.08, size=image.shape)
     mask[_boundary_band(mask)] = ignore_index
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), mask
 

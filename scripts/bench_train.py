@@ -1,0 +1,119 @@
+"""Training-step throughput of the default model under each runtime switch.
+
+Every variant runs the real ``engine.train_one_epoch`` on the synthetic dataset, in this one
+process, and is reported as a ratio to the reference (fp32, contiguous, no workers), so the
+machine's noise cancels out of the comparison. On a CUDA machine the GPU variants
+(fp16/bf16 autocast, channels_last, torch.compile) are added, with peak memory.
+
+    python scripts/bench_train.py                 # CPU variants
+    python scripts/bench_train.py --steps 40 --batch-size 16 --size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import segtrain  # noqa: F401
+from hydra.utils import instantiate
+from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
+from segtrain.losses import build_loss
+from segtrain.train import build_datasets, build_loaders
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _variants(cuda: bool) -> list[dict]:
+    cpu = [
+        {"name": "cpu fp32 (reference)", "device": "cpu", "amp": None, "workers": 0},
+        {"name": "cpu fp32, 2 workers", "device": "cpu", "amp": None, "workers": 2},
+        {"name": "cpu bf16 autocast", "device": "cpu", "amp": torch.bfloat16, "workers": 0},
+        {"name": "cpu fp32 channels_last", "device": "cpu", "amp": None, "workers": 0, "channels_last": True},
+    ]
+    if not cuda:
+        return cpu
+    return [
+        {"name": "cuda fp32 (reference)", "device": "cuda", "amp": None, "workers": 8},
+        {"name": "cuda fp16 autocast", "device": "cuda", "amp": torch.float16, "workers": 8},
+        {"name": "cuda bf16 autocast", "device": "cuda", "amp": torch.bfloat16, "workers": 8},
+        {"name": "cuda bf16 channels_last", "device": "cuda", "amp": torch.bfloat16, "workers": 8,
+         "channels_last": True},
+        {"name": "cuda bf16 channels_last compile", "device": "cuda", "amp": torch.bfloat16, "workers": 8,
+         "channels_last": True, "compile": True},
+    ]
+
+
+def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float | None]:
+    device = torch.device(variant["device"])
+    cfg.trainer.num_workers = variant["workers"]
+    train_set, val_set = build_datasets(cfg.dataset)
+    train_loader, _, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)
+    rt = Runtime(device, variant["amp"], variant.get("channels_last", False))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward_model = torch.compile(model) if variant.get("compile") else model
+    loss_fn = build_loss(cfg.loss, None, num_classes=cfg.dataset.num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant["amp"] == torch.float16)
+    if steps + warmup > steps_per_epoch:
+        raise SystemExit(f"--steps + --warmup = {steps + warmup} exceeds the {steps_per_epoch} steps of one epoch")
+
+    def run(n: int, epoch: int) -> float:
+        opts = FitOptions(epochs=1, steps_per_epoch=n, batch_size=cfg.trainer.batch_size,
+                          class_names=list(cfg.dataset.class_names), log_every=n, progress=False)
+        train_loader.sampler.set_epoch(epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_one_epoch(forward_model, train_loader, loss_fn, optimizer, scheduler, scaler, rt, TrainState(), opts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(warmup, 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = run(steps, 1)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return steps * cfg.trainer.batch_size / seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128, help="synthetic image size")
+    parser.add_argument("--root", default="data/synthetic_bench")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.encoder=resnet34")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    count = (args.steps + args.warmup) * args.batch_size
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"dataset.root={args.root}", f"dataset.generate.num_train={count}", "dataset.generate.num_val=2",
+            f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
+    rows = []
+    for variant in _variants(torch.cuda.is_available()):
+        speed, peak = _measure(cfg, variant, args.steps, args.warmup)
+        rows.append((variant["name"], speed, peak))
+    reference = rows[0][1]
+    print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}({cfg.model.encoder}), batch {args.batch_size}, "
+          f"{args.size}x{args.size}, {args.steps} timed steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| variant | images/s | ratio to reference | peak GPU memory (MiB) |\n|---|---|---|---|")
+    for name, speed, peak in rows:
+        print(f"| {name} | {speed:.1f} | {speed / reference:.2f}x | {'-' if peak is None else f'{peak:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
