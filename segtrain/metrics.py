@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from segtrain.distributed import all_reduce_sum
+
 
 class ConfusionMatrix:
     """A (C, C) count matrix on the model's device; rows = true class, columns = predicted.
@@ -37,6 +39,10 @@ class ConfusionMatrix:
             self.matrix = self.matrix.to(target.device)
         index = target[valid].long() * self.num_classes + preds[valid].long()
         self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+
+    def all_reduce(self) -> None:
+        """Sum the counts of every rank (a no-op without DDP); call once, before ``compute``."""
+        all_reduce_sum(self.matrix)
 
     def compute(self) -> dict[str, torch.Tensor | float]:
         """Per-class ``iou``, ``f1`` (Dice on hard labels), ``precision``, ``recall``, ``acc``
@@ -67,6 +73,43 @@ class ConfusionMatrix:
             "mDice": float(f1.nanmean()),
             "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
         }
+
+
+class SoftDiceTracker:
+    """Per-class soft Dice of the training batches, accumulated on the device.
+
+    Sums of ``p * g`` and ``p + g`` (softmax probabilities, one-hot targets, ignored pixels
+    dropped) are added up over the steps between two log points, so the value is that of the
+    whole interval rather than a mean of per-batch ratios, and reading it is the only sync.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.intersection: torch.Tensor | None = None
+        self.cardinality: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        valid = (target != self.ignore_index).unsqueeze(1)  # (N, 1, H, W)
+        probs = logits.float().softmax(dim=1) * valid
+        onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1).long().clamp(0, self.num_classes - 1), 1.0)
+        onehot *= valid
+        inter = (probs * onehot).sum(dim=(0, 2, 3))  # (C,)
+        card = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # (C,)
+        if self.intersection is None:
+            self.intersection, self.cardinality = inter, card
+        else:
+            self.intersection += inter
+            self.cardinality += card
+
+    def compute_and_reset(self) -> torch.Tensor:
+        """(C,) float64 on the CPU; NaN for a class absent from targets and predictions alike."""
+        if self.intersection is None:
+            return torch.full((self.num_classes,), math.nan, dtype=torch.float64)
+        inter, card = self.intersection.double().cpu(), self.cardinality.double().cpu()
+        self.intersection = self.cardinality = None
+        return torch.where(card > 0, 2 * inter / card.clamp_min(1e-12), torch.tensor(math.nan, dtype=torch.float64))
 
 
 def flatten_metrics(result: dict, class_names: list[str], prefix: str = "val") -> dict[str, float]:

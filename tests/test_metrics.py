@@ -76,3 +76,51 @@ def test_flatten_and_table_use_class_names():
     flat = flatten_metrics(out, ["sky", "car"])
     assert flat["val/dice/car"] == 1.0 and flat["val/iou/sky"] == 1.0 and flat["val/mDice"] == 1.0
     assert "car" in format_table(out, ["sky", "car"])
+
+
+def test_per_class_and_macro_values_match_torchmetrics():
+    from torchmetrics.classification import (MulticlassF1Score, MulticlassJaccardIndex, MulticlassPrecision,
+                                             MulticlassRecall)
+
+    logits, target = _random_case(1)
+    cm = ConfusionMatrix(4)
+    for i in range(3):  # batch by batch: the counts add up
+        cm.update(logits[i : i + 1], target[i : i + 1])
+    out = cm.compute()
+    preds = logits.argmax(1)
+    oracles = {"iou": MulticlassJaccardIndex, "f1": MulticlassF1Score, "precision": MulticlassPrecision,
+               "recall": MulticlassRecall}
+    for key, cls in oracles.items():
+        per_class = cls(4, average=None, ignore_index=255)(preds, target).double()
+        ours = out[key]
+        # torchmetrics reports 0 where a class is in neither target nor prediction; segtrain says NaN.
+        assert torch.isnan(ours[3]) and per_class[3] == 0
+        torch.testing.assert_close(ours[:3], per_class[:3], rtol=1e-6, atol=1e-7)
+    macro_iou = MulticlassJaccardIndex(4, average="macro", ignore_index=255)(preds, target).item()
+    macro_f1 = MulticlassF1Score(4, average="macro", ignore_index=255)(preds, target).item()
+    assert out["mIoU"] == pytest.approx(macro_iou, rel=1e-6)
+    assert out["mDice"] == pytest.approx(macro_f1, rel=1e-6)
+
+
+def test_soft_dice_tracker_sums_over_steps_and_ignores_pixels():
+    from segtrain.metrics import SoftDiceTracker
+
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(2, 3, 5, 5, generator=g) for _ in range(2)]
+    targets = [torch.randint(0, 3, (2, 5, 5), generator=g) for _ in range(2)]
+    targets[0][0, 0] = 255
+    tracker = SoftDiceTracker(3)
+    for lg, t in zip(logits, targets):
+        tracker.update(lg, t)
+    got = tracker.compute_and_reset()
+    # float64 hand computation over both steps together
+    inter, card = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for lg, t in zip(logits, targets):
+        p = lg.double().softmax(1)
+        for c in range(3):
+            valid = t != 255
+            pc, gc = p[:, c][valid], (t[valid] == c).double()
+            inter[c] += (pc * gc).sum()
+            card[c] += pc.sum() + gc.sum()
+    torch.testing.assert_close(got, 2 * inter / card, rtol=1e-5, atol=1e-7)
+    assert torch.isnan(tracker.compute_and_reset()).all()  # reset: nothing accumulated
