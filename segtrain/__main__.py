@@ -12,7 +12,8 @@ from segtrain.train import train
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     # The returned score is what Hydra sweepers (Optuna, ...) optimise.
-    return train(cfg, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
 
 
 if __name__ == "__main__":

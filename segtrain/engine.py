@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from segtrain.checkpoint import rng_state, save_checkpoint
-from segtrain.metrics import ConfusionMatrix, flatten_metrics, format_table
+from segtrain.metrics import ConfusionMatrix, SoftDiceTracker, flatten_metrics, format_table
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class FitOptions:
     monitor: str = "val/mDice"
     monitor_mode: str = "max"
     progress: bool = True
+    num_samples: int = 4  # validation images drawn as overlays at every evaluation
 
 
 def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float | None) -> None:
@@ -92,16 +93,19 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Ru
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{opts.epochs}", disable=not opts.progress,
                leave=False, dynamic_ncols=True)
     running: dict[str, torch.Tensor] = {}
+    soft_dice = SoftDiceTracker(len(opts.class_names), opts.ignore_index)
     since_log, images_since_log, tick = 0, 0, time.perf_counter()
     batches = iter(loader)
     for i in range(steps):
         for _ in range(opts.grad_accum):
             images, masks = rt.to_device(*next(batches))
             with rt.autocast():
-                out = loss_fn(model(images), masks)
+                logits = model(images)
+                out = loss_fn(logits, masks)
             scaler.scale(out["loss"] / opts.grad_accum).backward()
             for key, value in out.items():
                 running[key] = running.get(key, 0.0) + value.detach().float() / opts.grad_accum
+            soft_dice.update(logits.detach(), masks)
             images_since_log += images.shape[0]
         _optimizer_step(model, optimizer, scheduler, scaler, opts.grad_clip)
         state.step += 1
@@ -116,9 +120,13 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Ru
             lr = scheduler.get_last_lr()[0]
             speed = images_since_log / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+            dice = soft_dice.compute_and_reset()
             if logger is not None:
                 scalars = {"train/loss" if k == "loss" else f"train/loss/{k}": v for k, v in values.items()}
                 scalars.update({"train/lr": lr, "train/images_per_s": speed})
+                scalars.update({f"train/soft_dice/{c}": v for c, v in zip(opts.class_names, dice.tolist())})
+                if rt.device.type == "cuda":
+                    scalars["train/gpu_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
                 logger.scalars(scalars, state.step)
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"training loss is {values['loss']} at step {state.step}")
@@ -126,12 +134,22 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Ru
     bar.close()
 
 
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # ConfusionMatrix.compute() plus "loss"
+    matrix: torch.Tensor  # (C, C) counts, rows = true class
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (image, target, prediction), CPU
+
+
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255) -> dict[str, Any]:
-    """Confusion-matrix metrics over the whole loader, plus the mean loss per batch."""
+def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
+             num_samples: int = 0) -> Evaluation:
+    """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
+    loss per batch, and the first ``num_samples`` images with their predictions."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device=rt.device)
     loss_sum, batches = torch.zeros((), device=rt.device), 0
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
@@ -139,9 +157,14 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
             loss_sum += loss_fn(logits, masks)["loss"].float()
         matrix.update(logits, masks)
         batches += 1
-    result = matrix.compute()
-    result["loss"] = loss_sum.item() / max(batches, 1)
-    return result
+        if len(samples) < num_samples:  # the loader is unshuffled: always the same images
+            preds = logits.argmax(dim=1)
+            for j in range(min(num_samples - len(samples), images.shape[0])):
+                samples.append((images[j].float().cpu(), masks[j].cpu(), preds[j].cpu()))
+    matrix.all_reduce()
+    metrics = matrix.compute()
+    metrics["loss"] = loss_sum.item() / max(batches, 1)
+    return Evaluation(metrics, matrix.matrix.cpu(), samples)
 
 
 def _improved(score: float, best: float | None, mode: str) -> bool:
@@ -182,12 +205,14 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, 
             state.step_in_epoch = 0
         last_epoch = state.epoch == opts.epochs
         if stopping or last_epoch or (epoch_done and state.epoch % opts.eval_every == 0):
-            result = evaluate(model, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index)
-            final = flatten_metrics(result, opts.class_names, "val")
+            result = evaluate(model, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
+                              opts.num_samples if logger is not None else 0)
+            final = flatten_metrics(result.metrics, opts.class_names, "val")
             log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
-                     format_table(result, opts.class_names))
+                     format_table(result.metrics, opts.class_names))
             if logger is not None:
                 logger.scalars(final, state.step)
+                logger.evaluation(result.matrix, result.samples, state.step)
             score = final.get(opts.monitor)
             if score is None:
                 raise KeyError(f"trainer.monitor={opts.monitor!r} is not a logged metric; valid: {', '.join(sorted(final))}")

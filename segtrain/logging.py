@@ -1,17 +1,46 @@
-"""TensorBoard output with class names in the tags (``val/dice/<class_name>``)."""
+"""TensorBoard output with class names in the tags (``val/dice/<class_name>``).
+
+Besides scalars, the dashboard gets a custom-scalars layout (one multi-line chart per metric
+with every class in it, so a rare class shows next to the common ones), the confusion matrix
+and a fixed set of validation overlays at every evaluation, and an HParams entry at the end.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Sequence
 
+import numpy as np
+import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from segtrain.visualize import confusion_matrix_image, denormalize, overlay_panel
+
+PER_CLASS_METRICS = ("dice", "iou", "precision", "recall")
+
+
+def custom_layout(class_names: Sequence[str]) -> dict:
+    per_class = {
+        f"{name} per class": ["Multiline", [f"val/{name}/{c}" for c in class_names]] for name in PER_CLASS_METRICS
+    }
+    per_class["train soft dice per class"] = ["Multiline", [f"train/soft_dice/{c}" for c in class_names]]
+    summary = {
+        "val means": ["Multiline", ["val/mDice", "val/mIoU", "val/pixel_acc"]],
+        "loss": ["Multiline", ["train/loss", "val/loss", r"train/loss/.*"]],
+    }
+    return {"per class (val)": per_class, "summary": summary}
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: str | Path, class_names: list[str]) -> None:
+    def __init__(self, log_dir: str | Path, class_names: Sequence[str], ignore_index: int = 255,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
         self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.mean, self.std = list(mean), list(std)
         self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer.add_custom_scalars(custom_layout(self.class_names))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -22,6 +51,27 @@ class TensorBoardLogger:
     def text(self, tag: str, body: str, step: int = 0) -> None:
         # Four leading spaces make TensorBoard's markdown keep the table's columns.
         self.writer.add_text(tag, "\n".join("    " + line for line in body.splitlines()), step)
+
+    def image(self, tag: str, array: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, array, step, dataformats="HWC")
+
+    def evaluation(self, matrix: torch.Tensor, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   step: int) -> None:
+        """The confusion matrix and the overlays of the fixed validation samples."""
+        self.image("val/confusion_matrix", confusion_matrix_image(matrix, self.class_names), step)
+        for i, (image, target, pred) in enumerate(samples):
+            panel = overlay_panel(denormalize(image, self.mean, self.std), target.numpy(), pred.numpy(),
+                                  self.class_names, self.ignore_index)
+            self.image(f"val/samples/{i}", panel, step)
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """One HParams row for this run; ``metrics`` are also written as scalars under the same tags."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+        finite = {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
+        exp, ssi, sei = hparams_summary(clean, finite)
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(finite, 0)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -92,16 +92,21 @@ def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
         raise ValueError(f"trainer.monitor_mode={mode!r}; valid: max, min")
 
 
-def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
+def build_split(ds: DictConfig, split: str, train: bool) -> FolderDataset:
+    """One split of the configured dataset, with the train or the evaluation transform."""
     root = Path(ds.root).expanduser()
     if ds.name == "synthetic":
         ensure_synthetic(root, ignore_index=ds.ignore_index, **ds.generate)
-    aug = OmegaConf.to_container(ds.augment)
-    common = dict(root=root, num_classes=ds.num_classes, ignore_index=ds.ignore_index)
-    train_set = FolderDataset(split=ds.train_split, transform=train_transform(
-        ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std, **aug), **common)
-    val_set = FolderDataset(split=ds.val_split, transform=eval_transform(mean=ds.mean, std=ds.std), **common)
-    return train_set, val_set
+    if train:
+        transform = train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
+                                    **OmegaConf.to_container(ds.augment))
+    else:
+        transform = eval_transform(mean=ds.mean, std=ds.std)
+    return FolderDataset(root, split, num_classes=ds.num_classes, ignore_index=ds.ignore_index, transform=transform)
+
+
+def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
+    return build_split(ds, ds.train_split, train=True), build_split(ds, ds.val_split, train=False)
 
 
 def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
@@ -151,8 +156,35 @@ def _restore(path: Path, model, optimizer, scheduler, scaler, class_weights) -> 
     return state
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the best monitored score."""
+def hparams_of(cfg: DictConfig, amp: torch.dtype | None) -> dict:
+    """The run's main choices, as one row of TensorBoard's HParams table."""
+    params = {
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "encoder": str(cfg.model.get("encoder")),
+        "dataset": cfg.dataset.name,
+        "loss": "+".join(cfg.loss.terms),
+        "weights": cfg.weights.strategy,
+        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+        "lr": cfg.optimizer.lr,
+        "scheduler": cfg.scheduler.name,
+        "batch_size": cfg.trainer.batch_size,
+        "epochs": cfg.trainer.epochs,
+        "amp": str(amp).replace("torch.", "") if amp else "none",
+        "seed": cfg.seed,
+    }
+    for term, options in cfg.loss.terms.items():
+        for key, value in (options or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                params[f"loss/{term}/{key}"] = value
+    return params
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
+    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the best monitored score.
+
+    ``overrides`` (the command line's) are stored in the checkpoints, so that
+    ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -189,22 +221,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     log.info("device %s, amp %s, %d train / %d val images, %d steps per epoch, %d epochs", device,
              rt.amp_dtype or "none", len(train_set), len(val_set), steps_per_epoch, tr.epochs)
     log.info("open the dashboards with: tensorboard --logdir %s", run_dir.resolve())
-    logger = TensorBoardLogger(run_dir / "tensorboard", class_names)
+    logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std)
     logger.text("data/class_weights", table)
     opts = FitOptions(
         epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=ds.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip, log_every=tr.log_every,
         eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor, monitor_mode=tr.monitor_mode,
-        progress=tr.progress)
-    extra = {"config": OmegaConf.to_yaml(cfg, resolve=True), "class_names": class_names,
-             "class_weights": class_weights.cpu()}
+        progress=tr.progress, num_samples=tr.num_samples)
+    extra = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": list(overrides or []),
+             "class_names": class_names, "class_weights": class_weights.cpu()}
     start = time.perf_counter()
     try:
         final = fit(forward_model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, rt, state,
                     opts, run_dir, logger, extra)
         if not final:  # resumed from a finished run: nothing left to train, still report
             final = flatten_metrics(evaluate(forward_model, val_loader, loss_fn, rt, ds.num_classes,
-                                             ds.ignore_index), class_names, "val")
+                                             ds.ignore_index).metrics, class_names, "val")
+        summary_metrics = {f"hparam/final/{k}": v for k, v in final.items() if k.startswith("val/")}
+        summary_metrics.update({f"hparam/best/{k}": v for k, v in state.best_metrics.items() if k.startswith("val/")})
+        logger.hparams(hparams_of(cfg, rt.amp_dtype), summary_metrics)
+        logger.text("data/class_statistics", table, state.step)
     finally:
         logger.close()
     summary = {

@@ -1,0 +1,122 @@
+"""Pictures for the dashboards: prediction overlays and the confusion matrix, as uint8 arrays.
+
+Rendering uses numpy and Pillow only, so training needs no plotting library.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, colour-blind-friendly first colours; more classes continue around the hue circle.
+_BASE_COLOURS = [
+    (68, 68, 68), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+    (0, 114, 178), (213, 94, 0), (204, 121, 167), (153, 153, 153), (117, 112, 179),
+]
+IGNORE_COLOUR = (255, 255, 255)
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours."""
+    colours = list(_BASE_COLOURS[:num_classes])
+    for i in range(len(colours), num_classes):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.95)
+        colours.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.array(colours, dtype=np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    out = np.empty((*mask.shape, 3), dtype=np.uint8)
+    out[:] = IGNORE_COLOUR
+    valid = (mask != ignore_index) & (mask < len(palette))
+    out[valid] = palette[mask[valid]]
+    return out
+
+
+def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised (3, H, W) tensor back to (H, W, 3) uint8."""
+    img = image.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def _legend(width: int, class_names: Sequence[str], palette: np.ndarray) -> Image.Image:
+    font = _font(12)
+    row_h, x, y = 18, 6, 4
+    strip = Image.new("RGB", (width, row_h + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for name, colour in [*zip(class_names, map(tuple, palette.tolist())), ("ignore", IGNORE_COLOUR)]:
+        text_w = int(draw.textlength(name, font=font))
+        if x + 18 + text_w > width and x > 6:  # wrap
+            strip = _grow(strip, row_h)
+            draw = ImageDraw.Draw(strip)
+            x, y = 6, y + row_h
+        draw.rectangle([x, y + 2, x + 12, y + 14], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 16, y), name, fill=(0, 0, 0), font=font)
+        x += 16 + text_w + 14
+    return strip
+
+
+def _grow(img: Image.Image, extra: int) -> Image.Image:
+    bigger = Image.new("RGB", (img.width, img.height + extra), (255, 255, 255))
+    bigger.paste(img, (0, 0))
+    return bigger
+
+
+def overlay_panel(image: np.ndarray, target: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
+                  ignore_index: int = 255, alpha: float = 0.55, min_side: int = 192) -> np.ndarray:
+    """image | ground truth over the image | prediction over the image, with a colour legend."""
+    palette = class_palette(len(class_names))
+    gt = colorize(target, palette, ignore_index)
+    pr = colorize(pred, palette, ignore_index=-1)
+    blend = lambda colours: (alpha * colours + (1 - alpha) * image).astype(np.uint8)  # noqa: E731
+    row = np.concatenate([image, blend(gt), blend(pr)], axis=1)  # (H, 3W, 3)
+    scale = max(1, int(np.ceil(min_side / image.shape[0])))
+    panel = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+    legend = _legend(panel.width, class_names, palette)
+    out = Image.new("RGB", (panel.width, panel.height + legend.height), (255, 255, 255))
+    out.paste(panel, (0, 0))
+    out.paste(legend, (0, panel.height))
+    return np.asarray(out)
+
+
+def confusion_matrix_image(matrix: torch.Tensor, class_names: Sequence[str], cell: int = 56) -> np.ndarray:
+    """Row-normalised confusion matrix (rows = true class) with its values and class names."""
+    counts = matrix.double().cpu()
+    rows = counts.sum(dim=1, keepdim=True)
+    norm = torch.where(rows > 0, counts / rows.clamp_min(1), torch.zeros_like(counts)).numpy()
+    n = len(class_names)
+    font = _font(12)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(probe.textlength(name, font=font)) for name in class_names) + 12
+    top = label_w + 20  # column names are drawn rotated
+    caption = "rows: true class, columns: predicted"
+    width = max(label_w + n * cell + 10, label_w + int(probe.textlength(caption, font=font)) + 10)
+    img = Image.new("RGB", (width, top + n * cell + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i in range(n):
+        for j in range(n):
+            v = float(norm[i, j])
+            shade = int(255 - 200 * v)
+            x0, y0 = label_w + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((x0 + cell / 2, y0 + cell / 2), f"{v:.2f}", fill=(255, 255, 255) if v > 0.5 else (0, 0, 0),
+                      font=font, anchor="mm")
+        draw.text((label_w - 6, top + i * cell + cell / 2), class_names[i], fill=(0, 0, 0), font=font, anchor="rm")
+    for j, name in enumerate(class_names):
+        text = Image.new("RGBA", (label_w + 8, 16), (255, 255, 255, 0))
+        ImageDraw.Draw(text).text((2, 1), name, fill=(0, 0, 0), font=font)
+        rotated = text.rotate(90, expand=True)
+        img.paste(rotated, (label_w + j * cell + cell // 2 - 8, top - rotated.height - 4), rotated)
+    draw.text((label_w, top + n * cell + 6), caption, fill=(80, 80, 80), font=font)
+    return np.asarray(img)
