@@ -2,7 +2,8 @@
 
 Every variant runs the real ``engine.train_one_epoch`` on the synthetic dataset, in this one
 process, and is reported as a ratio to the reference (fp32, contiguous, no workers), so the
-machine's noise cancels out of the comparison. On a CUDA machine the GPU variants
+machine's noise cancels out of the comparison. The last column is the time of the per-step
+metric updates (train soft Dice and a confusion-matrix update) as a share of a training step. On a CUDA machine the GPU variants
 (fp16/bf16 autocast, channels_last, torch.compile) are added, with peak memory.
 
     python scripts/bench_train.py                 # CPU variants
@@ -22,6 +23,7 @@ import segtrain  # noqa: F401
 from hydra.utils import instantiate
 from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
 from segtrain.losses import build_loss
+from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
 from segtrain.train import build_datasets, build_loaders
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -82,7 +84,28 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
         torch.cuda.reset_peak_memory_stats()
     seconds = run(steps, 1)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return steps * cfg.trainer.batch_size / seconds, peak
+    return steps * cfg.trainer.batch_size / seconds, peak, _metric_seconds(cfg, device) / (seconds / steps)
+
+
+def _metric_seconds(cfg, device: torch.device, repeats: int = 20) -> float:
+    """Seconds per step spent on metric updates: the train-time soft Dice tracker (every
+    step) plus a confusion-matrix update, on logits of one batch."""
+    num_classes, size = cfg.dataset.num_classes, cfg.dataset.generate.size
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(cfg.trainer.batch_size, num_classes, size, size, generator=g).to(device)
+    target = torch.randint(0, num_classes, (cfg.trainer.batch_size, size, size), generator=g).to(device)
+    tracker, matrix = SoftDiceTracker(num_classes), ConfusionMatrix(num_classes, device=device)
+    tracker.update(logits, target)
+    matrix.update(logits, target)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tracker.update(logits, target)
+        matrix.update(logits, target)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -93,6 +116,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="synthetic image size")
     parser.add_argument("--root", default="data/synthetic_bench")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this text "
+                        "(the first one kept is the reference)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.encoder=resnet34")
     args = parser.parse_args()
     if args.threads:
@@ -103,16 +128,19 @@ def main() -> None:
             f"dataset.root={args.root}", f"dataset.generate.num_train={count}", "dataset.generate.num_val=2",
             f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
     rows = []
-    for variant in _variants(torch.cuda.is_available()):
-        speed, peak = _measure(cfg, variant, args.steps, args.warmup)
-        rows.append((variant["name"], speed, peak))
+    variants = [v for v in _variants(torch.cuda.is_available()) if args.only is None or args.only in v["name"]]
+    for variant in variants:
+        speed, peak, metric_share = _measure(cfg, variant, args.steps, args.warmup)
+        rows.append((variant["name"], speed, peak, metric_share))
     reference = rows[0][1]
     print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}({cfg.model.encoder}), batch {args.batch_size}, "
           f"{args.size}x{args.size}, {args.steps} timed steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"| variant | images/s | ratio to reference | peak GPU memory (MiB) |\n|---|---|---|---|")
-    for name, speed, peak in rows:
-        print(f"| {name} | {speed:.1f} | {speed / reference:.2f}x | {'-' if peak is None else f'{peak:.0f}'} |")
+    print("| variant | images/s | ratio to reference | peak GPU memory (MiB) | metric updates / step time |")
+    print("|---|---|---|---|---|")
+    for name, speed, peak, share in rows:
+        print(f"| {name} | {speed:.1f} | {speed / reference:.2f}x | {'-' if peak is None else f'{peak:.0f}'} "
+              f"| {100 * share:.2f}% |")
 
 
 if __name__ == "__main__":

@@ -246,6 +246,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     summary = {
         "class_names": class_names,
         "class_weights": class_weights.tolist(),
+        "class_pixel_share": stats.frequency.tolist(),
         "weights_strategy": cfg.weights.strategy,
         "monitor": tr.monitor,
         "final": final,
