@@ -24,7 +24,7 @@ from segtrain.logging import TensorBoardLogger
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, flatten_metrics
 from segtrain.optim import param_groups
-from segtrain.weights import compute_class_stats, compute_class_weights, weights_table
+from segtrain.weights import STRATEGIES, compute_class_stats, compute_class_weights, weights_table
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def class_names_of(ds: DictConfig) -> list[str]:
     if len(names) != ds.num_classes:
         raise ValueError(f"dataset.class_names has {len(names)} names but dataset.num_classes={ds.num_classes}")
     return list(names)
+
+
+def weights_column_options() -> dict[str, dict]:
+    """Each strategy's options from its ``configs/weights/<strategy>.yaml``, so the class-weight
+    table's columns show what ``weights=<strategy>`` would give, not bare function defaults."""
+    weights_dir = Path(__file__).resolve().parents[1] / "configs" / "weights"
+    return {name: OmegaConf.to_container(OmegaConf.load(weights_dir / f"{name}.yaml"), resolve=True)
+            for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
 
 
 def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
@@ -199,7 +207,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
                                 num_workers=resolve_num_workers(tr.num_workers, device))
     class_weights = compute_class_weights(stats, class_names=class_names, **cfg.weights)
-    table = weights_table(stats, class_names, cfg.weights.strategy)
+    table = weights_table(stats, class_names, cfg.weights.strategy, weights=class_weights,
+                          column_options=weights_column_options())
     log.info("class statistics of %s/%s (%d images):\n%s", train_set.root, train_set.split, stats.num_images, table)
 
     train_loader, val_loader, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,18 +186,26 @@ def _format_rows(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), rule, *map(fmt, rows)])
 
 
+def _column(stats: ClassStats, strategy: str, options: Mapping[str, Any]) -> list[float]:
+    # A column only compares strategies: an absent class shows 0 rather than stopping the table.
+    options = {key: value for key, value in options.items() if key not in ("strategy", "values", "absent")}
+    return compute_class_weights(stats, strategy, **options).tolist()
+
+
 def weights_table(
     stats: ClassStats,
     class_names: Sequence[str] | None,
     chosen_strategy: str,
     weights: torch.Tensor | Sequence[float] | None = None,
+    column_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Plain-text per-class table: counts, shares, freq and the weight under each strategy.
 
-    Columns are computed with default options; the chosen strategy is marked with ``*``.
-    ``weights`` (the ones actually used, after normalize/max_weight or manual values) adds a
-    ``used`` column. For TensorBoard text, indent every line by four spaces so Markdown keeps
-    it as a fixed-width block.
+    Each strategy column uses ``column_options[strategy]`` (e.g. the keys of its
+    ``configs/weights/<strategy>.yaml``) or, for strategies not in it, compute_class_weights'
+    defaults; the chosen strategy is marked with ``*``. ``weights`` (the ones actually used,
+    after normalize/max_weight or manual values) adds a ``used`` column. For TensorBoard text,
+    indent every line by four spaces so Markdown keeps it as a fixed-width block.
     """
     _check_choice("strategy", chosen_strategy, STRATEGIES)
     num_classes = stats.num_classes
@@ -206,7 +215,7 @@ def weights_table(
     strategies = [s for s in STRATEGIES if s != "manual"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the absent-class warning belongs to the real call
-        columns = [compute_class_weights(stats, s).tolist() for s in strategies]
+        columns = [_column(stats, s, (column_options or {}).get(s, {})) for s in strategies]
 
     header = ["class", "pixels", "share", "images", "freq"]
     header += [s + ("*" if s == chosen_strategy else "") for s in strategies]

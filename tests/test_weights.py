@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from segtrain.data.stats import class_stats_cache_file, read_cached_class_stats
 from segtrain.weights import STRATEGIES, ClassStats, compute_class_stats, compute_class_weights, weights_table
 
 I = 255  # noqa: E741  (ignore_index, short so the masks below stay readable)
@@ -171,6 +172,20 @@ def test_cache_invalidated_by_ignore_index(root):
     assert source.loads == 3
 
 
+def test_cache_probe_reads_no_mask(root, stats):
+    source = PngMasks(root)
+    path = class_stats_cache_file(source, 4)
+    assert read_cached_class_stats(source, 4) is None and not path.exists()
+    compute_class_stats(source, 4)
+    assert path.is_file() and source.loads == 3
+    again = PngMasks(root)
+    assert read_cached_class_stats(again, 4) == stats and again.loads == 0
+    assert read_cached_class_stats(again, 4, ignore_index=0) is None
+    assert class_stats_cache_file(again, 4, ignore_index=0) != path
+    with pytest.raises(TypeError, match="mask source"):
+        read_cached_class_stats([np.zeros((2, 2), int)], 4)
+
+
 def test_corrupt_cache_is_rewritten(root, stats, caplog):
     compute_class_stats(PngMasks(root), 4)
     (cache_file,) = (root / ".segtrain").glob("class_stats-*.json")
@@ -197,6 +212,33 @@ def test_worked_example_median_freq():
     np.testing.assert_allclose(example.present_frequency, [0.74843, 0.20603, 0.05919], atol=1e-5)
     w = compute_class_weights(example, "median_freq")
     np.testing.assert_allclose(w.numpy(), [0.27528, 1.0, 3.48063], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "strategy, options, expected",
+    [  # the table of docs/weights.md, to the digits printed there
+        ("inverse_freq", {}, [1.3361, 5.0388, 18.828]),
+        ("inverse_freq", {"normalize": "mean"}, [0.15904, 0.59978, 2.2412]),
+        ("sqrt_inv_freq", {}, [1.1559, 2.2447, 4.3392]),
+        ("enet", {}, [1.7541, 5.0611, 14.172]),
+        ("effective_num", {"count": "images"}, [1.2529e-4, 1.2724e-4, 1.3123e-4]),
+        ("effective_num", {"count": "pixels", "beta": 0.999999999, "normalize": "mean"}, [0.40086, 0.67876, 1.9204]),
+    ],
+)
+def test_worked_example_other_strategies(strategy, options, expected):
+    pixels = np.array([3.13914322e9, 8.32395811e8, 2.22764968e8]).round().astype(np.int64)
+    images = np.array([16000, 15412, 14356])
+    example = ClassStats(pixels, images, images * 512 * 512, int(pixels.sum()), 16000)
+    w = compute_class_weights(example, strategy, **options)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=5e-5)
+
+
+def test_worked_example_effective_num_on_pixels_is_uniform():
+    pixels = np.array([3139143220, 832395811, 222764968])
+    example = ClassStats(pixels, np.array([16000, 15412, 14356]), np.array([4194304000] * 3), int(pixels.sum()), 16000)
+    with pytest.warns(UserWarning, match="all weights equal 1 - beta"):
+        w = compute_class_weights(example, "effective_num", count="pixels")
+    np.testing.assert_allclose(w.numpy(), [1e-4] * 3, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -301,3 +343,13 @@ def test_weights_table(stats):
     assert lines[2].startswith("road") and "24" in lines[2] and "60.00%" in lines[2]
     assert lines[5].startswith("sky")
     assert lines[4].count("4.667") == 2  # person under median_freq (14/3), as a column and as used
+
+
+def test_weights_table_column_options(stats):
+    options = {"effective_num": {"strategy": "effective_num", "beta": 0.9, "count": "images", "absent": "error"}}
+    lines = weights_table(stats, NAMES, "none", column_options=options).splitlines()
+    header = lines[0].split()
+    column = header.index("effective_num")
+    # 0.1 / (1 - 0.9^[2, 2, 1]); absent=error is not applied to a column: sky shows 0
+    assert [line.split()[column] for line in lines[2:6]] == ["0.5263", "0.5263", "1", "0"]
+    assert lines[5].split()[header.index("inverse_freq")] == "0"

@@ -295,6 +295,34 @@ def _is_mask_source(source: Any) -> bool:
     return all(hasattr(source, name) for name in ("mask_paths", "root", "load_mask"))
 
 
+def _check_mask_source(source: Any) -> None:
+    if not _is_mask_source(source):
+        raise TypeError(f"the class statistics cache needs a mask source (mask_paths, root, load_mask), "
+                        f"got {type(source).__name__}")
+
+
+def class_stats_cache_file(source: Any, num_classes: int, ignore_index: int = 255) -> Path:
+    """The JSON file in which ``compute_class_stats`` caches these statistics (it may not exist).
+
+    Only the mask files' metadata is read, no mask.
+    """
+    _check_mask_source(source)
+    num_classes = _as_int("num_classes", num_classes, 1)
+    return _cache_path(source, _fingerprint(source, num_classes, ignore_index))
+
+
+def read_cached_class_stats(source: Any, num_classes: int, ignore_index: int = 255) -> ClassStats | None:
+    """The statistics ``compute_class_stats`` would read from its cache, or None on a miss.
+
+    Lets a caller tell a cache hit from a fresh count (``python -m segtrain.stats`` says
+    which it was) without decoding any mask.
+    """
+    _check_mask_source(source)
+    num_classes = _as_int("num_classes", num_classes, 1)
+    fingerprint = _fingerprint(source, num_classes, ignore_index)
+    return _read_cache(_cache_path(source, fingerprint), fingerprint, num_classes)
+
+
 def compute_class_stats(
     source: Any,
     num_classes: int,

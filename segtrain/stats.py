@@ -1,0 +1,120 @@
+"""``python -m segtrain.stats [overrides]``: the class statistics and weights a run would use.
+
+Takes the same overrides as ``python -m segtrain`` and composes the same config, builds the
+training split through the same code (so the synthetic dataset is generated if needed),
+counts it with the same cached ``compute_class_stats`` and prints, per class, the counts,
+the weight under every strategy and the weights the configured strategy would train with;
+then exits without training. The counts are cached beside the dataset, so a second call
+reads no mask and says so.
+
+    python -m segtrain.stats                                  # default synthetic dataset
+    python -m segtrain.stats weights=effective_num weights.normalize=mean
+    python -m segtrain.stats dataset=folder dataset.root=/data/mine dataset.num_classes=4
+
+Nothing is written under ``outputs/``: no run directory, no ``.hydra/``, no log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
+from segtrain.data.stats import class_stats_cache_file, compute_class_stats, read_cached_class_stats
+from segtrain.train import build_datasets, class_names_of, resolve_device, resolve_num_workers, weights_column_options
+from segtrain.weights import compute_class_weights, weights_table
+
+
+# A report has no run directory: Hydra's files would otherwise land in a fresh
+# outputs/<date>/<time>/. Put before the user's overrides, so that their hydra.* keys still win.
+_NO_RUN_DIR = [
+    "hydra.run.dir=.",
+    # -m still writes multirun.yaml into the sweep directory, so that goes to the temp dir.
+    f"hydra.sweep.dir={Path(tempfile.gettempdir()) / 'segtrain-stats'}",
+    "hydra.sweep.subdir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
+
+
+def _worker_device(name: str) -> torch.device:
+    # Only decides the worker count: a CUDA device named on a machine without one is the
+    # training run's error to raise, not this report's.
+    return resolve_device(name) if name == "auto" else torch.device(name)
+
+
+def class_stats_report(cfg: DictConfig) -> str:
+    """The text ``python -m segtrain.stats`` prints for the composed training config ``cfg``."""
+    ds, tr = cfg.dataset, cfg.trainer
+    class_names = class_names_of(ds)
+    train_set, _ = build_datasets(ds)
+    num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
+    cache_file = class_stats_cache_file(train_set, ds.num_classes, ds.ignore_index)
+
+    stats = read_cached_class_stats(train_set, ds.num_classes, ds.ignore_index)
+    if stats is not None:
+        origin = f"cached: read from {cache_file}, no mask decoded"
+    else:
+        start = time.perf_counter()
+        stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index, num_workers=num_workers)
+        seconds = time.perf_counter() - start
+        where = f"saved to {cache_file}" if cache_file.is_file() else f"could not write the cache {cache_file}"
+        origin = f"computed over {stats.num_images} masks in {seconds:.2f} s ({num_workers} workers); {where}"
+
+    weights_cfg = OmegaConf.to_container(cfg.weights, resolve=True)
+    used = compute_class_weights(stats, class_names=class_names, **weights_cfg)
+    strategy = weights_cfg["strategy"]
+    table = weights_table(stats, class_names, strategy, weights=used, column_options=weights_column_options())
+    settings = ", ".join(f"{key}={'null' if value is None else value}"
+                         for key, value in weights_cfg.items() if key != "strategy")
+    values = ",".join(f"{w:.6g}" for w in used.tolist())
+    return "\n".join([
+        f"dataset {ds.name}: {train_set.root}, split '{train_set.split}', {len(train_set)} images, "
+        f"{ds.num_classes} classes, ignore_index {ds.ignore_index}",
+        f"class statistics {origin}",
+        "",
+        table,
+        "",
+        f"used: weights={strategy} ({settings}), after normalize and max_weight",
+        "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
+        f"to freeze them: weights=manual 'weights.values=[{values}]'",
+    ])
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def _app(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = class_stats_report(cfg)
+    except (ValueError, TypeError, OSError, MissingMandatoryValue) as err:
+        # These messages name the file and the value; a traceback would only bury them.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(report)
+
+
+def _with_no_run_dir(argv: list[str]) -> list[str]:
+    # argparse takes the overrides as one run of positional arguments, so the defaults join
+    # that run (before its first item) instead of landing after a flag such as -m or --info.
+    args = argv[1:]
+    first = next((i for i, arg in enumerate(args) if "=" in arg or arg.startswith("~")), 0)
+    return [argv[0], *args[:first], *_NO_RUN_DIR, *args[first:]]
+
+
+def main() -> None:
+    sys.argv = _with_no_run_dir(sys.argv)
+    _app()
+
+
+if __name__ == "__main__":
+    main()
