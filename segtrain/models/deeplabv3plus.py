@@ -67,7 +67,9 @@ class DeepLabV3Plus(SegmentationModel):
             (``segtrain.models.encoders_supporting(16)`` lists them: the ResNet family and
             MobileNetV3 at 16, the ResNet family at 8).
         encoder_weights: ``None``, ``"imagenet"`` or a state-dict path (see ``build_encoder``).
-        output_stride: 16 (ASPP rates 6, 12, 18) or 8 (rates 12, 24, 36; ~4x the compute).
+        output_stride: 16 (ASPP rates 6, 12, 18) or 8 (rates 12, 24, 36). With resnet50 at
+            512x512, 8 costs 2.6x the FLOPs and ~2.8x the CPU training time of 16
+            (``scripts/bench_models.py``).
         separable: depthwise-separable 3x3 convs in ASPP and the decoder.
         freeze_bn: keep BatchNorm layers in eval mode with frozen affine parameters during
             training (see ``SegmentationModel``).
