@@ -154,6 +154,9 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
             logits = model(images)
+            if logits.shape[-2:] != masks.shape[-2:]:  # dataset.val_resize=<int>: score at the mask's resolution
+                logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear",
+                                                         align_corners=False)
             loss_sum += loss_fn(logits, masks)["loss"].float()
         matrix.update(logits, masks)
         batches += 1

@@ -18,7 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.checkpoint import load_checkpoint, set_rng_state
-from segtrain.data import EpochSampler, FolderDataset, ensure_synthetic, eval_transform, pad_collate, train_transform
+from segtrain.data import (EpochSampler, FolderDataset, ensure_synthetic, eval_transform, make_dataset, pad_collate,
+                           train_transform)
+from segtrain.data.sampling import image_class_counts, image_repeat_factors
 from segtrain.engine import FitOptions, Runtime, TrainState, evaluate, fit
 from segtrain.logging import TensorBoardLogger
 from segtrain.losses import build_loss
@@ -100,40 +102,72 @@ def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
         raise ValueError(f"trainer.monitor_mode={mode!r}; valid: max, min")
 
 
-def build_split(ds: DictConfig, split: str, train: bool) -> FolderDataset:
+def _dataset_options(ds: DictConfig) -> dict:
+    """The layout options the config sets; keys missing from older configs keep the class defaults."""
+    keys = ("list_file", "label_mapping", "palette", "on_unknown_color", "on_bad_label")
+    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            for k in keys if (v := ds.get(k)) is not None}
+
+
+def build_split(ds: DictConfig, split: str, train: bool, allow_unpaired: bool = False) -> FolderDataset:
     """One split of the configured dataset, with the train or the evaluation transform."""
     root = Path(ds.root).expanduser()
     if ds.name == "synthetic":
         ensure_synthetic(root, ignore_index=ds.ignore_index, **ds.generate)
     if train:
+        sampling = ds.get("sampling") or {}
         transform = train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
+                                    rare_crop_p=sampling.get("rare_crop_p") or 0.0,
+                                    cat_max_ratio=sampling.get("cat_max_ratio"),
                                     **OmegaConf.to_container(ds.augment))
     else:
-        transform = eval_transform(mean=ds.mean, std=ds.std)
-    return FolderDataset(root, split, num_classes=ds.num_classes, ignore_index=ds.ignore_index, transform=transform)
+        transform = eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index,
+                                   val_resize=ds.get("val_resize"))
+    return make_dataset(ds.get("layout", "folder"), root, split, num_classes=ds.num_classes,
+                        ignore_index=ds.ignore_index, transform=transform, allow_unpaired=allow_unpaired,
+                        **_dataset_options(ds))
 
 
 def build_datasets(ds: DictConfig) -> tuple[FolderDataset, FolderDataset]:
     return build_split(ds, ds.train_split, train=True), build_split(ds, ds.val_split, train=False)
 
 
+def _repeat_factors(train_set, ds: DictConfig, workers: int):
+    """Per-image repeat factors when ``dataset.sampling.repeat_thresh`` is set, else None."""
+    thresh = (ds.get("sampling") or {}).get("repeat_thresh")
+    if thresh is None:
+        return None
+    counts = image_class_counts(train_set, ds.num_classes, ds.ignore_index, num_workers=workers)
+    factors = image_repeat_factors(counts > 0, thresh)
+    log.info("repeat-factor sampling (t=%g): %d of %d images repeated, mean factor %.3f, max %.3f", thresh,
+             int((factors > 1).sum()), len(factors), factors.mean(), factors.max())
+    return factors
+
+
 def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
-    tr = cfg.trainer
+    tr, ds = cfg.trainer, cfg.dataset
     workers = resolve_num_workers(tr.num_workers, device)
     pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
     draws_per_step = tr.batch_size * tr.grad_accum
-    if len(train_set) < draws_per_step:
+    if getattr(train_set, "needs_class_frequencies", False):
+        # train() normally hands over its statistics first; this reads the same cached ones.
+        log.info("rare-class cropping: reading the class frequencies of %s/%s", train_set.root, train_set.split)
+        train_set.set_class_frequencies(compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
+                                                            num_workers=workers).frequency)
+    sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step,
+                           repeat_factors=_repeat_factors(train_set, ds, workers))
+    if sampler.draws_per_rank < draws_per_step:
         raise ValueError(f"{train_set.root}: split '{train_set.split}' has {len(train_set)} images, fewer than "
-                         f"trainer.batch_size * trainer.grad_accum = {draws_per_step}")
-    collate = lambda batch: pad_collate(batch, cfg.dataset.ignore_index)  # noqa: E731
-    sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step)
+                         f"trainer.batch_size * trainer.grad_accum = {draws_per_step}"
+                         + (f" per rank ({sampler.world_size} ranks)" if sampler.world_size > 1 else ""))
+    collate = lambda batch: pad_collate(batch, ds.ignore_index)  # noqa: E731
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
         collate_fn=collate, drop_last=True)
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=cfg.dataset.batch_size_val, shuffle=False, num_workers=workers,
+        val_set, batch_size=ds.batch_size_val, shuffle=False, num_workers=workers,
         pin_memory=pin, collate_fn=collate)
-    return train_loader, val_loader, len(train_set) // draws_per_step
+    return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -206,6 +240,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     train_set, val_set = build_datasets(ds)
     stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
                                 num_workers=resolve_num_workers(tr.num_workers, device))
+    train_set.set_class_frequencies(stats.frequency)  # rare-class cropping draws classes by 1 / frequency
     class_weights = compute_class_weights(stats, class_names=class_names, **cfg.weights)
     table = weights_table(stats, class_names, cfg.weights.strategy, weights=class_weights,
                           column_options=weights_column_options())

@@ -127,3 +127,26 @@ def test_pad_collate_pads_masks_with_ignore():
     assert (masks[0, 2:] == 255).all() and (masks[0, :2] == 0).all()
     assert (masks[1, :, 2] == 255).all() and (masks[1, :, :2] == 1).all()
     assert images[0, :, 2:].abs().sum() == 0
+
+
+def test_epoch_sampler_default_order_is_unchanged():
+    # Without repeat factors or ranks, the draws are the ones every earlier run made.
+    sampler = EpochSampler(10, seed=3, drop_last_batch_of=4)
+    sampler.set_epoch(2)
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + 2)
+    order = torch.randperm(10, generator=gen)[:8].tolist()
+    seeds = torch.randint(0, 2**31 - 1, (10,), generator=gen)[:8].tolist()
+    assert list(sampler) == list(zip(order, seeds))
+
+
+def test_load_mask_is_the_checked_compact_label_map(tmp_path):
+    mask = np.array([[0, 1, 2, 255]] * 3, np.uint8)
+    _write_pair(tmp_path, "train", "a", np.zeros((3, 4, 3), np.uint8), mask)
+    Image.fromarray(mask.astype(np.uint16) * 2).save(tmp_path / "masks/train/b.png")  # 16-bit PNG
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(tmp_path / "images/train/b.png")
+    ds = FolderDataset(tmp_path, "train", num_classes=5, ignore_index=510)
+    assert ds.load_mask(1).dtype == np.int32 and ds.load_mask(1).tolist() == (mask.astype(int) * 2).tolist()
+    ds = FolderDataset(tmp_path, "train", num_classes=3)
+    assert ds.load_mask(0).dtype == np.uint8 and np.array_equal(ds.load_mask(0), mask)
+    with pytest.raises(ValueError, match=r"b\.png: labels outside \[0, 3\).*value 4 \(3 px\), value 510 \(3 px\)"):
+        ds.load_mask(1)

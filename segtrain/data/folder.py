@@ -1,48 +1,30 @@
-"""The folder layout: ``root/images/<split>/<stem>.<ext>`` paired with ``root/masks/<split>/<stem>.png``.
+"""Image/mask datasets on disk; the folder layout and the base of every other layout.
 
-Masks are index PNGs: one class index per pixel (uint8 or uint16), ``ignore_index`` for
-pixels that neither train nor score.
+The folder layout is ``root/images/<split>/<stem>.<ext>`` paired with
+``root/masks/<split>/<stem>.png`` by stem, or the pairs a list file names. Other layouts
+(``segtrain.data.voc``, ``segtrain.data.cityscapes``) are the same class with other
+directories, suffixes and label mappings; colour-coded masks are a decoding option
+(``palette``) of any of them.
+
+Masks are index PNGs (uint8 or uint16, ``ignore_index`` for pixels that neither train nor
+score) unless a palette says otherwise; ``segtrain.data.masks`` reads, maps and checks them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from segtrain.data.masks import MaskDecoder, read_mask
+from segtrain.data.pairing import Pairing, pair_by_key, pair_from_list
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
-
-def _files_by_stem(directory: Path, extensions: Sequence[str]) -> dict[str, Path]:
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: directory not found")
-    files: dict[str, Path] = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() in extensions:
-            if path.stem in files:
-                raise ValueError(f"{directory}: two files share the stem '{path.stem}': {files[path.stem].name}, {path.name}")
-            files[path.stem] = path
-    return files
-
-
-def _pair_files(image_dir: Path, mask_dir: Path) -> tuple[list[Path], list[Path]]:
-    images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
-    masks = _files_by_stem(mask_dir, (".png",))
-    only_images = sorted(set(images) - set(masks))
-    only_masks = sorted(set(masks) - set(images))
-    if only_images or only_masks:
-        lines = [f"{images[s]}: no mask {mask_dir / (s + '.png')}" for s in only_images]
-        lines += [f"{masks[s]}: no image with stem '{s}' in {image_dir}" for s in only_masks]
-        raise FileNotFoundError("unpaired files:\n  " + "\n  ".join(lines))
-    if not images:
-        raise FileNotFoundError(
-            f"{image_dir}: empty split, expected images ({', '.join(IMAGE_EXTENSIONS)}) with masks in {mask_dir}"
-        )
-    stems = sorted(images)
-    return [images[s] for s in stems], [masks[s] for s in stems]
+__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "read_image", "read_mask"]
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -53,25 +35,19 @@ def read_image(path: Path) -> np.ndarray:
         raise OSError(f"{path}: cannot read image ({err})") from err
 
 
-def read_mask(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(
-                    f"{path}: mask mode {img.mode!r}, expected a single-channel index PNG (L, P, I;16)"
-                )
-            # Palette PNGs keep their indices: np.asarray on mode P gives the index, not the colour.
-            return np.asarray(img).astype(np.int64)  # (H, W)
-    except OSError as err:
-        raise OSError(f"{path}: cannot read mask ({err})") from err
-
-
 class FolderDataset(torch.utils.data.Dataset):
-    """Image/mask pairs matched by file stem; also the mask source for class statistics.
+    """Image/mask pairs of one split; also the mask source for class statistics
+    (``mask_paths``, ``root``, ``label_mapping``, ``load_mask``).
 
     ``__getitem__`` accepts an index, or an ``(index, seed)`` pair from
     :class:`segtrain.data.sampler.EpochSampler` that makes the random augmentation of that
     draw a pure function of the seed, whatever process or worker loads it.
+
+    ``image_dir``, ``mask_dir`` and ``list_file`` are relative to ``root`` and may contain
+    ``{split}``. With ``list_file`` the split is the pairs it names (one key, or
+    ``image_path mask_path``, per line); without, every image under ``image_dir`` paired with
+    the mask of the same key. Unpaired files are an error listing all of them, unless
+    ``allow_unpaired`` (then they are in ``self.unpaired``, for ``check_dataset.py``).
     """
 
     def __init__(
@@ -81,39 +57,76 @@ class FolderDataset(torch.utils.data.Dataset):
         num_classes: int,
         ignore_index: int = 255,
         transform: Callable | None = None,
-        image_dir: str = "images",
-        mask_dir: str = "masks",
+        *,
+        image_dir: str = "images/{split}",
+        mask_dir: str = "masks/{split}",
+        list_file: str | None = None,
+        image_suffixes: Sequence[str] = IMAGE_EXTENSIONS,
+        mask_suffix: str = ".png",
+        recursive: bool = False,
+        label_mapping: Mapping | None = None,
+        palette: Any = None,
+        on_unknown_color: str = "error",
+        on_bad_label: str = "error",
+        allow_unpaired: bool = False,
     ) -> None:
         self.root = Path(root)
         self.split = split
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.transform = transform
-        self.label_mapping = None
-        self.image_paths, self.mask_paths = _pair_files(self.root / image_dir / split, self.root / mask_dir / split)
+        self.decoder = MaskDecoder(num_classes, ignore_index, label_mapping, palette, on_unknown_color, on_bad_label)
+        self.label_mapping = self.decoder.label_mapping
+        image_path, mask_path = (self.root / d.format(split=split) for d in (image_dir, mask_dir))
+        if list_file is not None:
+            pairing = pair_from_list(self.root / list_file.format(split=split), self.root, image_path, mask_path,
+                                     image_suffixes, mask_suffix, recursive)
+        else:
+            pairing = pair_by_key(image_path, mask_path, image_suffixes, mask_suffix, recursive)
+        self.unpaired = self._accept(pairing, allow_unpaired)
+        if not pairing.image_paths:
+            source = f"no pairs in {self.root / list_file.format(split=split)}" if list_file else (
+                f"expected images ({', '.join(image_suffixes)}) with masks in {mask_path}")
+            raise FileNotFoundError(f"{image_path}: empty split '{split}', {source}")
+        self.image_paths, self.mask_paths = pairing.image_paths, pairing.mask_paths
+
+    @staticmethod
+    def _accept(pairing: Pairing, allow_unpaired: bool) -> list[str]:
+        if pairing.problems and not allow_unpaired:
+            raise FileNotFoundError(f"unpaired files ({len(pairing.problems)}):\n  " + "\n  ".join(pairing.problems))
+        return pairing.problems
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def load_mask(self, index: int) -> np.ndarray:
-        """The raw label map of sample ``index``, before any augmentation."""
-        return read_mask(self.mask_paths[index])
+        """The label map of sample ``index`` after mapping and the label check, before any augmentation."""
+        return self.decoder(self.mask_paths[index])
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_image(self.image_paths[index])
+
+    def set_class_frequencies(self, frequency: Sequence[float]) -> None:
+        """Give rare-class cropping the pixel share of every class (``ClassStats.frequency``).
+
+        A no-op when the transform does no class-aware cropping.
+        """
+        for step in getattr(self.transform, "transforms", ()):
+            if hasattr(step, "set_class_frequencies"):
+                step.set_class_frequencies(frequency)
+
+    @property
+    def needs_class_frequencies(self) -> bool:
+        """True while a class-aware crop of the transform still waits for ``set_class_frequencies``."""
+        steps = getattr(self.transform, "transforms", ())
+        return any(getattr(step, "needs_class_frequencies", False) for step in steps)
 
     def _checked_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image, mask = read_image(self.image_paths[index]), self.load_mask(index)
+        image, mask = self.load_image(index), self.load_mask(index)
         if image.shape[:2] != mask.shape:
             raise ValueError(
                 f"{self.mask_paths[index]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
                 f"image {self.image_paths[index].name} size {image.shape[1]}x{image.shape[0]}"
-            )
-        bad = (mask >= self.num_classes) | (mask < 0)
-        bad &= mask != self.ignore_index
-        if bad.any():
-            values, counts = np.unique(mask[bad], return_counts=True)
-            found = ", ".join(f"value {v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist()))
-            raise ValueError(
-                f"{self.mask_paths[index]}: labels outside [0, {self.num_classes}) and != ignore_index "
-                f"{self.ignore_index}: {found}"
             )
         return image, mask
 

@@ -1,0 +1,141 @@
+"""Reading a mask file into a label map: index PNGs or colour PNGs, label mapping, label checks.
+
+``MaskDecoder`` is the one place that turns a mask file into the (H, W) labels that
+training, evaluation and the class statistics see:
+
+1. read: an index PNG (uint8/uint16; a palette PNG gives its indices), or with a palette an
+   RGB mask whose colours become classes (``segtrain.data.palette``);
+2. map: ``label_mapping`` ``{stored value: class}`` (Cityscapes' labelId -> trainId); values it
+   does not list become ``ignore_index``;
+3. check: a label outside [0, num_classes) that is not ``ignore_index`` is an error naming the
+   file, the values and their pixel counts, or with ``on_bad_label="ignore"`` becomes
+   ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segtrain.data.palette import ColorDecoder, parse_palette, read_color_mask
+
+ON_BAD_LABEL = ("error", "ignore")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """An index PNG as (H, W) int64."""
+    return _read_index_png(path).astype(np.int64)
+
+
+def _read_index_png(path: Path) -> np.ndarray:
+    """(H, W) in the PNG's own dtype (uint8, uint16 or int32): no wider copy than needed."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(
+                    f"{path}: mask mode {img.mode!r}, expected a single-channel index PNG (L, P, I;16); "
+                    "colour-coded masks need dataset.palette"
+                )
+            # Palette PNGs keep their indices: np.asarray on mode P gives the index, not the colour.
+            return np.array(img)
+    except OSError as err:
+        raise OSError(f"{path}: cannot read mask ({err})") from err
+
+
+def mapping_table(mapping: Mapping[Any, Any], num_classes: int, ignore_index: int) -> np.ndarray:
+    """A lookup table for ``{stored value: class}``; its last entry (ignore) catches larger values."""
+    pairs = []
+    for key, value in mapping.items():
+        try:
+            stored, cls = int(key), int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"dataset.label_mapping: {key!r} -> {value!r} is not int -> int") from None
+        if stored < 0:
+            raise ValueError(f"dataset.label_mapping: stored value {stored} < 0 cannot occur in a PNG mask")
+        if not (0 <= cls < num_classes or cls == ignore_index):
+            raise ValueError(f"dataset.label_mapping: {stored} -> {cls}; classes are 0..{num_classes - 1} "
+                             f"or ignore_index {ignore_index}")
+        pairs.append((stored, cls))
+    size = max((s for s, _ in pairs), default=-1) + 1
+    table = np.full(size + 1, ignore_index, dtype=np.int64)
+    for stored, cls in pairs:
+        table[stored] = cls
+    return table
+
+
+def bad_label_message(path: Path | str, values: np.ndarray, num_classes: int, ignore_index: int) -> str:
+    found, counts = np.unique(values, return_counts=True)
+    listed = ", ".join(f"value {v} ({c} px)" for v, c in zip(found.tolist(), counts.tolist()))
+    return (f"{path}: labels outside [0, {num_classes}) and != ignore_index {ignore_index}: {listed}; "
+            "fix the mask or set dataset.on_bad_label=ignore")
+
+
+class MaskDecoder:
+    """File -> (H, W) labels; see the module docstring for the three steps."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, label_mapping: Mapping | None = None,
+                 palette: Any = None, on_unknown_color: str = "error", on_bad_label: str = "error") -> None:
+        if on_bad_label not in ON_BAD_LABEL:
+            raise ValueError(f"dataset.on_bad_label={on_bad_label!r}; valid: {', '.join(ON_BAD_LABEL)}")
+        if palette is not None and label_mapping is not None:
+            raise ValueError("dataset.palette and dataset.label_mapping both set: a palette already maps "
+                             "colours to classes; give one of them")
+        self.num_classes, self.ignore_index, self.on_bad_label = num_classes, ignore_index, on_bad_label
+        self.colors = ColorDecoder(parse_palette(palette, num_classes, ignore_index), ignore_index,
+                                   on_unknown_color) if palette is not None else None
+        # The smallest dtype that holds every valid label: cheaper to augment and to send between processes.
+        self.dtype = np.uint8 if num_classes <= 256 and 0 <= ignore_index <= 255 else np.int32
+        # What the stored values mean, for the class-statistics cache fingerprint.
+        self.label_mapping: dict | None = None
+        self._table = None
+        if self.colors is not None:
+            self.label_mapping = parse_palette(palette, num_classes, ignore_index)
+        elif label_mapping is not None:
+            self._table = mapping_table(label_mapping, num_classes, ignore_index).astype(self.dtype)
+            self.label_mapping = {int(k): int(v) for k, v in label_mapping.items()}
+
+    def decode(self, path: Path) -> np.ndarray:
+        """Read and map, without the label check (``check_dataset.py`` reports that separately)."""
+        if self.colors is not None:
+            return self.colors(read_color_mask(path), path)
+        mask = _read_index_png(path)
+        if self._table is not None:
+            last = len(self._table) - 1  # the ignore entry, for every value beyond the table
+            if last <= np.iinfo(mask.dtype).max:
+                mask = np.minimum(mask, mask.dtype.type(last))
+            mask = self._table[mask]
+        return mask
+
+    def bad_pixels(self, mask: np.ndarray) -> np.ndarray | None:
+        """Boolean (H, W) of the labels outside the classes, or None when there are none."""
+        if mask.size == 0:
+            return None
+        lo, hi = int(mask.min()), int(mask.max())
+        if lo >= 0 and hi < self.num_classes:
+            return None
+        if lo >= 0 and hi < 1 << 16:  # a histogram is cheaper than a full boolean pass
+            hist = np.bincount(mask.ravel())
+            hist[: self.num_classes] = 0
+            if 0 <= self.ignore_index < hist.size:
+                hist[self.ignore_index] = 0
+            if not hist.any():
+                return None
+        bad = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
+        return bad if bad.any() else None
+
+    def check(self, mask: np.ndarray, path: Path | str) -> np.ndarray:
+        """Apply ``on_bad_label`` and narrow the dtype."""
+        bad = self.bad_pixels(mask)
+        if bad is not None:
+            if self.on_bad_label == "error":
+                raise ValueError(bad_label_message(path, mask[bad], self.num_classes, self.ignore_index))
+            mask = mask.astype(np.int64)  # a copy that holds any ignore_index
+            mask[bad] = self.ignore_index
+        return mask.astype(self.dtype, copy=False)
+
+    def __call__(self, path: Path) -> np.ndarray:
+        return self.check(self.decode(path), path)
