@@ -34,11 +34,13 @@ class ConfusionMatrix:
         preds = preds_or_logits.argmax(dim=1) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
         if preds.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(preds.shape)} does not match target {tuple(target.shape)}")
-        valid = target != self.ignore_index
         if self.matrix.device != target.device:
             self.matrix = self.matrix.to(target.device)
-        index = target[valid].long() * self.num_classes + preds[valid].long()
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        n = self.num_classes
+        # Ignored pixels land in an extra bin (n * n) instead of being masked out: boolean
+        # indexing would cost more than the bincount itself.
+        index = torch.where(target != self.ignore_index, target.long() * n + preds.long(), n * n)
+        self.matrix += torch.bincount(index.flatten(), minlength=n * n + 1)[: n * n].reshape(n, n)
 
     def all_reduce(self) -> None:
         """Sum the counts of every rank (a no-op without DDP); call once, before ``compute``."""
@@ -91,12 +93,16 @@ class SoftDiceTracker:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        valid = (target != self.ignore_index).unsqueeze(1)  # (N, 1, H, W)
-        probs = logits.float().softmax(dim=1) * valid
-        onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1).long().clamp(0, self.num_classes - 1), 1.0)
-        onehot *= valid
-        inter = (probs * onehot).sum(dim=(0, 2, 3))  # (C,)
-        card = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # (C,)
+        # No one-hot tensor and no boolean indexing: ignored pixels go to an extra bin C that
+        # is dropped, which keeps this cheap next to a training step (docs/BENCHMARKS.md).
+        num_classes = self.num_classes
+        valid = target != self.ignore_index  # (N, H, W)
+        labels = torch.where(valid, target, num_classes).long()  # (N, H, W), ignored -> C
+        probs = logits.float().softmax(dim=1)  # (N, C, H, W)
+        p_true = probs.gather(1, labels.clamp(max=num_classes - 1).unsqueeze(1))  # (N, 1, H, W)
+        inter = probs.new_zeros(num_classes + 1).scatter_add_(0, labels.flatten(), p_true.flatten())[:num_classes]
+        card = torch.einsum("nchw,nhw->c", probs, valid.float())  # sum(p) over valid pixels, (C,)
+        card = card + torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes]  # + sum(g)
         if self.intersection is None:
             self.intersection, self.cardinality = inter, card
         else:
