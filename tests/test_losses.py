@@ -510,3 +510,203 @@ def test_every_loss_config_builds_and_runs(path):
 
 def test_loss_config_files_exist():
     assert {p.stem for p in LOSS_CONFIGS} >= {"ce", "focal", "dice", "ce_dice", "focal_dice"}
+
+
+# ---------------------------------------------------------------------------------------------
+# fused focal/cross-entropy + Dice (functional_fused): the same values and gradients as the terms apart
+
+
+FUSED_PAIRS = {
+    "focal_dice_weighted": lambda: {"focal": (FocalLoss(2.0, WEIGHTS), 1.0), "dice": (DiceLoss(weight=WEIGHTS), 0.7)},
+    "focal_gamma0.5_pixels": lambda: {"focal": (FocalLoss(0.5, normalize="pixels"), 0.4), "dice": (DiceLoss(), 1.0)},
+    "focal_gamma1_dice_per_image": lambda: {"focal": (FocalLoss(1.0, WEIGHTS), 1.0),
+                                            "dice": (DiceLoss(batch=False, weight=WEIGHTS), 2.0)},
+    "focal_gamma3.5_no_background": lambda: {"dice": (DiceLoss(include_background=False, weight=WEIGHTS), 1.0),
+                                             "focal": (FocalLoss(3.5), 1.5)},
+    "ce_dice_weighted": lambda: {"ce": (CrossEntropyLoss(WEIGHTS), 1.0), "dice": (DiceLoss(weight=WEIGHTS), 1.0)},
+    "ce_dice_unsmoothed_per_image": lambda: {
+        "ce": (CrossEntropyLoss(), 0.5), "dice": (DiceLoss(smooth=0.0, batch=False, include_background=False), 1.0)},
+    "with_a_third_term": lambda: {"focal": (FocalLoss(2.0, WEIGHTS), 1.0), "lovasz": (LovaszSoftmaxLoss(), 0.3),
+                                  "dice": (DiceLoss(), 1.0)},
+}
+
+
+def uses_fused_path(value: torch.Tensor) -> bool:
+    """Whether the autograd graph behind ``value`` holds the fused node."""
+    seen, stack = set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if "FocalDice" in type(node).__name__:
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def composite_value_and_grad(terms, logits, target, fuse):
+    logits = logits.clone().requires_grad_(True)
+    out = CompositeLoss(terms, fuse=fuse)(logits, target)
+    assert uses_fused_path(out["loss"]) == fuse
+    out["loss"].backward()
+    return out, logits.grad
+
+
+def assert_same_as_terms_apart(terms_factory, logits, target):
+    fused, fused_grad = composite_value_and_grad(terms_factory(), logits, target, fuse=True)
+    apart, apart_grad = composite_value_and_grad(terms_factory(), logits, target, fuse=False)
+    assert set(fused) == set(apart)
+    for name in apart:
+        torch.testing.assert_close(fused[name], apart[name], rtol=2e-6, atol=1e-7)
+    # Gradients are ~1 / pixel count: compare them on the scale of the largest one.
+    torch.testing.assert_close(fused_grad, apart_grad, rtol=1e-5, atol=1e-6 * apart_grad.abs().max().item())
+    return fused_grad
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", FUSED_PAIRS)
+def test_fused_pair_equals_terms_apart(name, seed):
+    logits, target = multiclass_batch(seed, n=3, h=9, w=7, scale=3.0)
+    grad = assert_same_as_terms_apart(FUSED_PAIRS[name], logits, target)
+    assert torch.all(grad[ignored_logit_mask(logits, target)] == 0)
+
+
+@pytest.mark.parametrize("name", FUSED_PAIRS)
+def test_fused_pair_ignored_pixels_change_nothing(name):
+    logits, target = multiclass_batch(2)
+    ignored = ignored_logit_mask(logits, target)
+    out, grad = composite_value_and_grad(FUSED_PAIRS[name](), logits, target, fuse=True)
+    perturbed = logits.clone()
+    perturbed[ignored] = torch.randn(int(ignored.sum()), generator=torch.Generator().manual_seed(1)) * 50
+    out_p, grad_p = composite_value_and_grad(FUSED_PAIRS[name](), perturbed, target, fuse=True)
+    for key in out:
+        torch.testing.assert_close(out_p[key], out[key], rtol=0, atol=1e-7)
+    torch.testing.assert_close(grad_p, grad, rtol=0, atol=1e-8)
+    assert torch.all(grad[ignored] == 0) and torch.all(grad_p[ignored] == 0)
+
+
+@pytest.mark.parametrize("name", FUSED_PAIRS)
+def test_fused_pair_without_valid_pixel_gives_connected_zero(name):
+    logits, target = multiclass_batch()
+    out, grad = composite_value_and_grad(FUSED_PAIRS[name](), logits, torch.full_like(target, IGNORE), fuse=True)
+    assert all(out[key].item() == 0.0 for key in out if key != "lovasz") and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("name", ["focal_dice_weighted", "focal_gamma0.5_pixels", "ce_dice_weighted"])
+def test_fused_pair_saturated_logits_match_terms_apart(name, amp):
+    logits, target = multiclass_batch(scale=100.0)
+    safe_target = target.masked_fill(target == IGNORE, 0)
+    right = (torch.arange(safe_target.numel()) % 2 == 0).reshape(safe_target.shape)
+    logits.scatter_(1, safe_target.unsqueeze(1), torch.where(right, 100.0, -100.0).unsqueeze(1))
+    if amp:
+        logits = logits.to(torch.bfloat16)
+    results = []
+    for fuse in (True, False):
+        leaf = logits.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = CompositeLoss(FUSED_PAIRS[name](), fuse=fuse)(leaf, target)
+        out["loss"].backward()
+        assert out["loss"].dtype == torch.float32 and leaf.grad.dtype == logits.dtype
+        assert torch.isfinite(out["loss"]) and torch.isfinite(leaf.grad).all()
+        results.append((out, leaf.grad.float()))
+    (fused, fused_grad), (apart, apart_grad) = results
+    for key in apart:
+        torch.testing.assert_close(fused[key], apart[key], rtol=2e-6, atol=1e-6)
+    # bf16 gradients: the float32 results round to bf16, so a last-digit difference can move one ulp (2^-8).
+    rtol = 2**-7 if amp else 1e-5
+    torch.testing.assert_close(fused_grad, apart_grad, rtol=rtol, atol=1e-6 * apart_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_fused_terms_backpropagate_separately(gamma):
+    """Each output of focal_dice_loss carries its own term's gradient, also when only one is used."""
+    from segtrain.losses.functional_fused import focal_dice_loss
+
+    logits, target = multiclass_batch(4)
+    focal_weight, dice_weight = WEIGHTS, WEIGHTS.flip(0)
+    for index, (make, scale) in enumerate([(lambda: FocalLoss(gamma, focal_weight), 0.3),
+                                           (lambda: DiceLoss(batch=False, weight=dice_weight), 1.7)]):
+        leaf = logits.clone().requires_grad_(True)
+        values = focal_dice_loss(leaf, target, gamma, focal_weight, "weights", 1e-5, False, True, dice_weight)
+        (scale * values[index]).backward()
+        expected_value, expected_grad = value_and_grad(make(), logits, target)
+        torch.testing.assert_close(values[index].detach(), expected_value)
+        torch.testing.assert_close(leaf.grad, scale * expected_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_pair_supports_retain_graph():
+    logits, target = multiclass_batch()
+    logits.requires_grad_(True)
+    out = CompositeLoss(FUSED_PAIRS["focal_dice_weighted"]())(logits, target)
+    out["loss"].backward(retain_graph=True)
+    first = logits.grad.clone()
+    out["loss"].backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
+
+
+def test_fused_pair_is_used_only_where_it_is_exact():
+    from segtrain.losses.composite import fusable_pair
+
+    assert fusable_pair(CompositeLoss(FUSED_PAIRS["with_a_third_term"]()).terms) == ("focal", "dice")
+    not_fused = [
+        {"ce": (CrossEntropyLoss(label_smoothing=0.1), 1.0), "dice": (DiceLoss(), 1.0)},
+        {"focal": (FocalLoss(), 1.0), "dice": (DiceLoss(squared=True), 1.0)},
+        {"focal": (FocalLoss(ignore_index=0), 1.0), "dice": (DiceLoss(), 1.0)},
+        {"focal": (type("MyFocal", (FocalLoss,), {})(), 1.0), "dice": (DiceLoss(), 1.0)},
+        {"focal": (FocalLoss(), 1.0), "gdice": (GeneralizedDiceLoss(), 1.0)},
+    ]
+    logits, target = multiclass_batch()
+    target = target.masked_fill(target == IGNORE, 1)  # a valid class for the term that ignores 0 instead
+    for terms in not_fused:
+        assert fusable_pair(CompositeLoss(terms).terms) is None
+        out = CompositeLoss(terms)(logits.clone().requires_grad_(True), target)
+        assert not uses_fused_path(out["loss"])
+    # Options changed after construction are seen on the next call.
+    loss = CompositeLoss(FUSED_PAIRS["focal_dice_weighted"]())
+    loss.terms["dice"].squared = True
+    assert not uses_fused_path(loss(logits.clone().requires_grad_(True), target)["loss"])
+
+
+@pytest.mark.parametrize("name", ["focal_dice", "ce_dice"])
+def test_loss_config_with_class_weights_takes_fused_path(name):
+    """As training builds it: build_loss(config, class_weights) fuses, and equals its terms apart."""
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "loss" / f"{name}.yaml")
+    loss_fn = build_loss(cfg, WEIGHTS, num_classes=NUM_CLASSES)
+    logits, target = multiclass_batch(5, n=2, h=16, w=12)
+    assert uses_fused_path(loss_fn(logits.clone().requires_grad_(True), target)["loss"])
+    terms = {term: (module, loss_fn.weights[term]) for term, module in loss_fn.terms.items()}
+    assert_same_as_terms_apart(lambda: terms, logits, target)
+
+
+@pytest.mark.parametrize("shape", [(3, NUM_CLASSES), (2, NUM_CLASSES, 7), (2, NUM_CLASSES, 3, 4, 5)],
+                         ids=["no_spatial", "1d", "3d"])
+def test_fused_pair_other_spatial_ranks(shape):
+    """1-D and 3-D logits fuse and match; (N, C) logits without pixels are left to the terms apart."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape, generator=g) * 2
+    target = torch.randint(0, NUM_CLASSES, (shape[0], *shape[2:]), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = IGNORE
+    if len(shape) == 2:
+        out = CompositeLoss(FUSED_PAIRS["focal_dice_weighted"]())(logits.requires_grad_(True), target)
+        assert not uses_fused_path(out["loss"])
+        return
+    assert_same_as_terms_apart(FUSED_PAIRS["focal_gamma1_dice_per_image"], logits, target)
+
+
+def test_fused_pair_channels_last_logits():
+    logits, target = multiclass_batch(6)
+    logits = logits.to(memory_format=torch.channels_last)  # what a channels_last model emits
+    grad = assert_same_as_terms_apart(FUSED_PAIRS["focal_dice_weighted"], logits, target)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_class_sums_scatter_and_compare_agree():
+    from segtrain.losses.functional_fused import class_sums
+
+    values = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, NUM_CLASSES, (3, 5, 4), generator=torch.Generator().manual_seed(1))
+    expected = (F.one_hot(target, NUM_CLASSES) * values.unsqueeze(-1)).sum((1, 2))
+    for scatter in (True, False):
+        torch.testing.assert_close(class_sums(values, target, NUM_CLASSES, scatter), expected)

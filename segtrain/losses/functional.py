@@ -105,7 +105,7 @@ def valid_and_safe_target(target: torch.Tensor, ignore_index: int | None) -> tup
     if ignore_index is None:
         return torch.ones_like(target, dtype=torch.bool), target
     valid = target != ignore_index
-    return valid, target.masked_fill(~valid, 0)
+    return valid, torch.where(valid, target, 0)
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
