@@ -234,13 +234,6 @@ def _compose(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-def _hparams_search_override(name: str) -> str:
-    # `hparams_search=<name>` once train.yaml lists `hparams_search: null`; until then it must be appended.
-    defaults = OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
-    listed = any("hparams_search" in entry for entry in defaults if not isinstance(entry, str))
-    return f"{'' if listed else '+'}hparams_search={name}"
-
-
 def test_imbalance_study_declares_the_grid_and_leaves_loss_free():
     cfg = _compose(["experiment=imbalance_study"])
     params = cfg.hydra.sweeper.params
@@ -272,7 +265,7 @@ def _require_optuna():
 
 def test_optuna_config_composes():
     _require_optuna()
-    cfg = _compose([_hparams_search_override("focal_optuna")])
+    cfg = _compose(["hparams_search=focal_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize" and cfg.trainer.monitor == "val/mDice" and cfg.trainer.monitor_mode == "max"
@@ -286,7 +279,7 @@ def test_optuna_config_composes():
 def test_optuna_runs_two_trials(tmp_path):
     _require_optuna()
     sweep = tmp_path / "optuna"
-    args = ["-m", _hparams_search_override("focal_optuna"), "debug=fast", f"dataset.root={tmp_path / 'data'}",
+    args = ["-m", "hparams_search=focal_optuna", "debug=fast", f"dataset.root={tmp_path / 'data'}",
             "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
