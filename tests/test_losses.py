@@ -702,6 +702,15 @@ def test_fused_pair_channels_last_logits():
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_fused_pair_logits_without_a_pixels_view():
+    """Logits whose H and W cannot merge into one dim (the fused code works on pixel views)."""
+    logits, target = multiclass_batch(7)
+    transposed = logits.transpose(2, 3).contiguous().transpose(2, 3)  # same values, W-major strides
+    with pytest.raises(RuntimeError):
+        transposed.view(*transposed.shape[:2], -1)
+    assert_same_as_terms_apart(FUSED_PAIRS["focal_dice_weighted"], transposed, target)
+
+
 def test_class_sums_scatter_and_compare_agree():
     from segtrain.losses.functional_fused import class_sums
 

@@ -3,8 +3,10 @@
 ``CompositeLoss`` calls ``focal_dice_loss`` when it holds a FocalLoss (or an unsmoothed
 CrossEntropyLoss) and a DiceLoss. Computed apart, the two terms each build a softmax, Dice a
 one-hot target, and their autograd graphs keep several (N, C, H, W) tensors; here one
-log-softmax buffer, turned into probabilities in place, serves both values, and the backward
-writes the one (N, C, H, W) gradient. On CPU every such tensor is both memory and time.
+softmax buffer serves both values (log p_t is taken per pixel, see _log_target_prob), and the
+backward writes the one (N, C, H, W) gradient. On CPU every such tensor, and every pass over
+it, is both memory and time: with few classes the per-pixel passes (gather, lookups, class
+sums) weigh as much as the softmax, so each one here is the cheapest form measured.
 The values and gradients are those of the separate terms (tests/test_losses.py checks both,
 with ignored pixels and class weights).
 
@@ -29,6 +31,8 @@ same code as DiceLoss's. Not fused: the squared Dice denominator, label smoothin
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -47,6 +51,9 @@ from segtrain.losses.functional_overlap import _class_mean, _ratio_or_one
 
 __all__ = ["focal_dice_loss"]
 
+# p_t below this is recomputed from a log-softmax: 2^-100, far above float32's subnormal range.
+_UNDERFLOW = 2.0**-100
+
 
 def class_sums(values: torch.Tensor, safe_target: torch.Tensor, num_classes: int, scatter: bool) -> torch.Tensor:
     """sum of ``values`` (N, *spatial) over the pixels of each target class, per image: (N, C).
@@ -57,7 +64,13 @@ def class_sums(values: torch.Tensor, safe_target: torch.Tensor, num_classes: int
     n = values.shape[0]
     values, index = values.reshape(n, -1), safe_target.reshape(n, -1)  # (N, P)
     if scatter:
-        return values.new_zeros(n, num_classes).scatter_add_(1, index, values)
+        # The CPU kernel splits its work by rows: with one long row per image and two threads it ran
+        # ~4x slower than with 16 or more shorter rows (scripts/bench_losses.py), so each image's
+        # pixels are cut into up to 64 rows whose sums are added after.
+        rows = math.gcd(values.shape[1], 64)
+        out = values.new_zeros(n * rows, num_classes)
+        out.scatter_add_(1, index.reshape(n * rows, -1), values.reshape(n * rows, -1))
+        return out.view(n, rows, num_classes).sum(1)
     classes = torch.arange(num_classes, device=values.device).view(1, -1, 1)
     return ((index.unsqueeze(1) == classes) * values.unsqueeze(1)).sum(2)  # (N, C)
 
@@ -72,16 +85,56 @@ def _lookup(table: torch.Tensor, safe_target: torch.Tensor) -> torch.Tensor:
     return table.expand(n, -1).gather(1, safe_target.reshape(n, -1)).view_as(safe_target)
 
 
+def _gather_classes(values: torch.Tensor, safe_target: torch.Tensor) -> torch.Tensor:
+    """values[n, target[n, ...], ...] for (N, C, *spatial) values: (N, *spatial).
+
+    Gathers over a (N, C, pixels) view, which is about twice as fast on CPU as over the
+    (N, C, H, W) tensor; the view exists for contiguous and channels_last layouts (any other
+    layout is copied).
+    """
+    n, c = values.shape[:2]
+    return values.reshape(n, c, -1).gather(1, safe_target.reshape(n, 1, -1)).view_as(safe_target)
+
+
+def _log_target_prob(p_t: torch.Tensor, logits: torch.Tensor, safe_target: torch.Tensor) -> torch.Tensor:
+    """log p_t from the softmax's p_t, and from a log-softmax of the logits where p_t is too small.
+
+    Taking the log of the float32 softmax loses nothing log_softmax keeps while p_t is a normal
+    number well above underflow (both carry the rounding of the sum of exponentials, ~1e-7);
+    one softmax pass and a log per pixel are cheaper than log_softmax, its exp and a second
+    gather. Below _UNDERFLOW (a logit gap beyond ~69) p_t loses digits and then becomes 0,
+    so those few pixels, e.g. of saturated logits, get the exact log-softmax instead.
+    """
+    log_p_t = torch.log(p_t)
+    if p_t.numel() and p_t.min() < _UNDERFLOW:  # a min is a fraction of the cost of a comparison and an any()
+        where = (p_t < _UNDERFLOW).nonzero(as_tuple=True)  # (image, *position) indices of the few pixels
+        class_last = logits.movedim(1, -1)[where]  # (K, C)
+        log_p_t[where] = class_last.log_softmax(-1).gather(1, safe_target[where].unsqueeze(1)).squeeze(1)
+    return log_p_t
+
+
+def _pixels_view(values: torch.Tensor) -> torch.Tensor | None:
+    """(N, C, *spatial) as an (N, C, pixels) view, or None where the layout has none."""
+    try:
+        return values.view(*values.shape[:2], -1)
+    except RuntimeError:
+        return None
+
+
 def _pixel_term(log_p_t: torch.Tensor, p_t: torch.Tensor, a_t: torch.Tensor, gamma: float, want_grad: bool):
     """sum_i a_i mod(m_i) l_i (the focal numerator, negated) and, if wanted, -a_i df/dl per pixel.
 
     f = -mod(m) l, so -df/dl = mod(m) - l p_t mod'(m), with dm/dl = -(expm1(l) + 1) = -p_t; for
     0 < gamma < 1 mod' is 0 where focal_modulator cut the term to 0 (m below the smallest normal),
     as autograd gets it through that helper. ``p_t`` may be 0 where ``a_t`` is.
+
+    m is 1 - p_t, not -expm1(l) as in focal_loss: near p_t = 1 both inherit the same ~6e-8
+    absolute rounding of the softmax's sum (l is -log of that sum there), and the subtraction
+    is exact for p_t >= 0.5 (Sterbenz), so the cheaper form gives the same m to within that.
     """
     if gamma == 0:  # cross-entropy: the modulator is 1
         return torch.dot(a_t.flatten(), log_p_t.flatten()), a_t if want_grad else None
-    one_minus_p = torch.expm1(log_p_t).neg_()  # accurate near p_t = 1, as in focal_loss
+    one_minus_p = torch.rsub(p_t, 1)
     weighted = focal_modulator(one_minus_p, gamma).mul_(a_t)
     total = torch.dot(weighted.flatten(), log_p_t.flatten())
     if not want_grad:
@@ -111,14 +164,16 @@ class _FocalDice(torch.autograd.Function):
     def forward(ctx, logits, safe_target, valid, gamma, focal_weight, normalize, smooth, batch,
                 include_background, dice_weight):
         num_classes = logits.shape[1]
-        index = safe_target.unsqueeze(1)  # (N, 1, *spatial)
         valid_f = valid.to(logits.dtype)
-        log_probs = F.log_softmax(logits, dim=1)
-        log_p_t = log_probs.gather(1, index).squeeze(1)  # (N, *spatial)
-        # The same buffer becomes the probabilities, zero at ignored pixels: Dice sums them as they are,
-        # and the backward multiplies by them, which keeps the ignored pixels' gradient exactly 0.
-        probs = log_probs.exp_().mul_(valid_f.unsqueeze(1))
-        p_t = log_p_t.exp().mul_(valid_f)  # 0 at ignored pixels; cheaper than a second gather
+        probs = F.softmax(logits, dim=1)
+        if _pixels_view(probs) is None:  # the backward works on (N, C, pixels) views
+            probs = probs.contiguous()
+        p_t = _gather_classes(probs, safe_target)  # (N, *spatial)
+        log_p_t = _log_target_prob(p_t, logits, safe_target)
+        # Zero at ignored pixels: Dice sums the probabilities as they are, and the backward multiplies
+        # by them, which keeps the ignored pixels' gradient exactly 0.
+        probs.mul_(valid_f.unsqueeze(1))
+        p_t.mul_(valid_f)
 
         scatter = logits.device.type == "cpu"
         counts = class_sums(valid_f, safe_target, num_classes, scatter)  # (N, C)
@@ -150,13 +205,18 @@ class _FocalDice(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_focal, grad_dice):
         probs, safe_target, focal_grad, focal_scale, dice_t, d_prob_sums = ctx.saved_tensors
-        beta = (grad_dice * d_prob_sums).view(-1, probs.shape[1], *(1,) * (probs.ndim - 2))  # (1 or N, C, 1, ..)
-        grad = probs * beta  # (N, C, *spatial)
+        shape, (n, c) = probs.shape, probs.shape[:2]
+        # On (N, C, pixels) views (forward made sure probs has one): the broadcasts and the scatter
+        # over them ran up to twice as fast on CPU as over (N, C, H, W).
+        probs, safe_target = _pixels_view(probs), safe_target.view(n, -1)
+        beta = (grad_dice * d_prob_sums).view(-1, c, *(1,) * (probs.ndim - 2))  # (1 or N, C, 1, ..)
+        grad = probs * beta  # (N, C, *pixels)
         # Saved tensors stay untouched: a graph kept with retain_graph=True may run this again.
-        d = torch.mul(focal_grad, grad_focal * focal_scale).addcmul_(dice_t, grad_dice)  # (N, *spatial)
+        d = torch.mul(focal_grad, grad_focal * focal_scale).addcmul_(dice_t, grad_dice).view_as(safe_target)
         u = grad.sum(1).add_(d)
         grad.addcmul_(probs, u.unsqueeze(1), value=-1)
         grad.scatter_add_(1, safe_target.unsqueeze(1), d.unsqueeze(1))
+        return grad.view(shape), *(None,) * 9
         return grad, *(None,) * 9
 
 
