@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from segtrain.checkpoint import rng_state, save_checkpoint
-from segtrain.metrics import ConfusionMatrix, SoftDiceTracker, flatten_metrics, format_table
+from segtrain.metrics import ConfusionMatrix, SoftDiceTracker, class_argmax, flatten_metrics, format_table
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
         matrix.update(logits, masks)
         batches += 1
         if len(samples) < num_samples:  # the loader is unshuffled: always the same images
-            preds = logits.argmax(dim=1)
+            preds = class_argmax(logits)
             for j in range(min(num_samples - len(samples), images.shape[0])):
                 samples.append((images[j].float().cpu(), masks[j].cpu(), preds[j].cpu()))
     matrix.all_reduce()

@@ -13,6 +13,15 @@ import torch
 from segtrain.distributed import all_reduce_sum
 
 
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1)``, the same indices (first maximum on ties, NaN counted as the maximum).
+
+    Through ``max(dim=1)``: on CPU, argmax over the class dim of an (N, C, H, W) tensor ran ~17x
+    slower (20 ms vs 1.2 ms for 8x3x128x128 on 2 threads), more than the rest of an update.
+    """
+    return logits.max(dim=1).indices
+
+
 class ConfusionMatrix:
     """A (C, C) count matrix on the model's device; rows = true class, columns = predicted.
 
@@ -31,7 +40,7 @@ class ConfusionMatrix:
     @torch.no_grad()
     def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor) -> None:
         """``preds_or_logits``: logits (N, C, H, W), arg-maxed here, or labels (N, H, W)."""
-        preds = preds_or_logits.argmax(dim=1) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
+        preds = class_argmax(preds_or_logits) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
         if preds.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(preds.shape)} does not match target {tuple(target.shape)}")
         if self.matrix.device != target.device:

@@ -124,3 +124,15 @@ def test_soft_dice_tracker_sums_over_steps_and_ignores_pixels():
             card[c] += pc.sum() + gc.sum()
     torch.testing.assert_close(got, 2 * inter / card, rtol=1e-5, atol=1e-7)
     assert torch.isnan(tracker.compute_and_reset()).all()  # reset: nothing accumulated
+
+
+def test_class_argmax_matches_argmax_with_ties_and_nan():
+    from segtrain.metrics import class_argmax
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 3, (4, 5, 9, 7), generator=g).float()  # many ties between classes
+    logits[0, 3, 0, 0] = float("nan")
+    logits[1, :, 2, 2] = 1.0  # a pixel tied over every class
+    for x in (logits, logits.bfloat16(), logits.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(class_argmax(x), x.argmax(dim=1))
+    assert class_argmax(logits)[0, 0, 0] == 3 and class_argmax(logits)[1, 2, 2] == 0
