@@ -21,11 +21,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import segtrain  # noqa: F401
-from hydra.utils import instantiate
 from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
-from segtrain.train import build_datasets, build_loaders
+from segtrain.train import build_datasets, build_loaders, build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,7 +56,7 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
     train_loader, _, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)
     rt = Runtime(device, variant["amp"], variant.get("channels_last", False))
     torch.manual_seed(0)
-    model = instantiate(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward_model = torch.compile(model) if variant.get("compile") else model

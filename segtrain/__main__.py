@@ -1,19 +1,49 @@
-"""``python -m segtrain [group=option ...] [key=value ...]``: train with a Hydra config."""
+"""``python -m segtrain [group=option ...] [key=value ...]``: train with a Hydra config.
+
+Under ``torchrun`` every rank runs this module. The ranks join their process group before
+Hydra starts, and rank 0's start time (``SEGTRAIN_RUN_TIME``, read by ``hydra.run.dir`` in
+configs/train.yaml) names the run directory on all of them, so they share one directory;
+ranks other than 0 write nothing of Hydra's there (``hydra.output_subdir=null``) and log only
+warnings to the console.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from segtrain import distributed
 from segtrain.train import train
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> float:
+# An absolute path: Hydra resolves a relative one against the calling module, which breaks when
+# this module is imported (the `segtrain` console script, a wrapper script under torchrun).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@record  # under torchrun: the failing rank's traceback goes into torchrun's error summary
+def run(cfg: DictConfig) -> float:
     # The returned score is what Hydra sweepers (Optuna, ...) optimise.
     hydra_cfg = HydraConfig.get()
     return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+
+
+def main() -> None:
+    if distributed.init_from_env():
+        start = distributed.broadcast_object(datetime.now().strftime(distributed.RUN_TIME_FORMAT))
+        os.environ.setdefault(distributed.RUN_TIME_ENV, start)
+        if not distributed.is_main_process():
+            sys.argv.append("hydra.output_subdir=null")
+    run()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from segtrain import distributed
 from segtrain.checkpoint import rng_state, save_checkpoint
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker, class_argmax, flatten_metrics, format_table
 
@@ -97,12 +98,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Ru
     since_log, images_since_log, tick = 0, 0, time.perf_counter()
     batches = iter(loader)
     for i in range(steps):
-        for _ in range(opts.grad_accum):
+        for micro in range(opts.grad_accum):
             images, masks = rt.to_device(*next(batches))
-            with rt.autocast():
-                logits = model(images)
-                out = loss_fn(logits, masks)
-            scaler.scale(out["loss"] / opts.grad_accum).backward()
+            # Under DDP the gradients are all-reduced once per optimizer step, at the last micro-batch.
+            sync = micro == opts.grad_accum - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if sync else model.no_sync():
+                with rt.autocast():
+                    logits = model(images)
+                    out = loss_fn(logits, masks)
+                scaler.scale(out["loss"] / opts.grad_accum).backward()
             for key, value in out.items():
                 running[key] = running.get(key, 0.0) + value.detach().float() / opts.grad_accum
             soft_dice.update(logits.detach(), masks)
@@ -113,7 +117,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Ru
         since_log += 1
         bar.update(1)
         if since_log == opts.log_every or i == steps - 1:
-            values = {k: v.item() / since_log for k, v in running.items()}  # the one host sync
+            # The one host sync; under DDP the mean over ranks, and images counted over all ranks.
+            keys = sorted(running)
+            totals = distributed.all_reduce_sum(torch.stack([running[k] for k in keys]))
+            values = dict(zip(keys, (totals / (since_log * distributed.world_size())).tolist()))
+            images_since_log *= distributed.world_size()
             elapsed = time.perf_counter() - tick
             state.train_seconds += elapsed
             state.images_seen += images_since_log
@@ -166,7 +174,8 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
                 samples.append((images[j].float().cpu(), masks[j].cpu(), preds[j].cpu()))
     matrix.all_reduce()
     metrics = matrix.compute()
-    metrics["loss"] = loss_sum.item() / max(batches, 1)
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(batches), device=rt.device)]))
+    metrics["loss"] = totals[0].item() / max(totals[1].item(), 1)
     return Evaluation(metrics, matrix.matrix.cpu(), samples)
 
 
@@ -178,8 +187,8 @@ def _improved(score: float, best: float | None, mode: str) -> bool:
 
 def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, extra: dict) -> dict:
     return {
-        # torch.compile wraps the module; save the plain one's keys so any run can load them.
-        "model": getattr(model, "_orig_mod", model).state_dict(),
+        # torch.compile and DDP wrap the module; save the plain one's keys so any run can load them.
+        "model": distributed.unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -193,7 +202,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, 
         opts: FitOptions, run_dir: Path, logger=None, extra: dict | None = None) -> dict[str, float]:
     """Train from ``state`` to the end of the schedule (or ``max_steps``); returns the last
     evaluation's flattened metrics. Writes ``checkpoints/last.pt`` after every epoch and at
-    the stop, and ``checkpoints/best.pt`` whenever ``opts.monitor`` improves."""
+    the stop, and ``checkpoints/best.pt`` whenever ``opts.monitor`` improves (rank 0 only under DDP)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     extra = extra or {}
     final: dict[str, float] = {}
@@ -207,6 +216,8 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, 
             state.epoch += 1
             state.step_in_epoch = 0
         last_epoch = state.epoch == opts.epochs
+        # Without SyncBatchNorm each rank's BatchNorm statistics drifted apart: evaluate and save rank 0's.
+        distributed.broadcast_buffers(model)
         if stopping or last_epoch or (epoch_done and state.epoch % opts.eval_every == 0):
             result = evaluate(model, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
                               opts.num_samples if logger is not None else 0)
@@ -222,8 +233,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, 
             if _improved(score, state.best_score, opts.monitor_mode):
                 state.best_score = score
                 state.best_metrics = {**final, "epoch": state.epoch, "step": state.step}
-                save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra), ckpt_dir / "best.pt")
-        save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra), ckpt_dir / "last.pt")
+                if distributed.is_main_process():
+                    save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra),
+                                    ckpt_dir / "best.pt")
+        if distributed.is_main_process():
+            save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra), ckpt_dir / "last.pt")
         if logger is not None:
             logger.flush()
         if stopping:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.checkpoint import load_checkpoint
@@ -24,7 +23,8 @@ from segtrain.data import pad_collate
 from segtrain.engine import Runtime, evaluate
 from segtrain.losses import build_loss
 from segtrain.metrics import flatten_metrics, format_table
-from segtrain.train import build_split, class_names_of, resolve_amp, resolve_device, resolve_num_workers
+from segtrain.train import (build_model, build_split, class_names_of, resolve_amp, resolve_device,
+                            resolve_num_workers)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USAGE = "usage: python -m segtrain.evaluate checkpoint=<path/to/last.pt> [key=value | group=option ...]"
@@ -60,7 +60,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) ->
     loader = torch.utils.data.DataLoader(
         split, batch_size=ds.batch_size_val, shuffle=False, num_workers=resolve_num_workers(tr.num_workers, device),
         collate_fn=lambda batch: pad_collate(batch, ds.ignore_index))
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
     model.to(device)
     if rt.channels_last:

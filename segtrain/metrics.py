@@ -122,7 +122,9 @@ class SoftDiceTracker:
         """(C,) float64 on the CPU; NaN for a class absent from targets and predictions alike."""
         if self.intersection is None:
             return torch.full((self.num_classes,), math.nan, dtype=torch.float64)
-        inter, card = self.intersection.double().cpu(), self.cardinality.double().cpu()
+        # Under DDP every rank calls this at the same step: the sums of all ranks' batches.
+        sums = all_reduce_sum(torch.stack([self.intersection, self.cardinality]).double())
+        inter, card = sums[0].cpu(), sums[1].cpu()
         self.intersection = self.cardinality = None
         return torch.where(card > 0, 2 * inter / card.clamp_min(1e-12), torch.tensor(math.nan, dtype=torch.float64))
 

@@ -17,9 +17,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain import distributed
 from segtrain.checkpoint import load_checkpoint, set_rng_state
-from segtrain.data import (EpochSampler, FolderDataset, ensure_synthetic, eval_transform, make_dataset, pad_collate,
-                           train_transform)
+from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
+                           pad_collate, train_transform)
 from segtrain.data.sampling import image_class_counts, image_repeat_factors
 from segtrain.engine import FitOptions, Runtime, TrainState, evaluate, fit
 from segtrain.logging import TensorBoardLogger
@@ -31,15 +32,21 @@ from segtrain.weights import STRATEGIES, compute_class_stats, compute_class_weig
 log = logging.getLogger(__name__)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+# Keys of the model config that configure training around the model, not the model class.
+MODEL_TRAINING_KEYS = ("sync_bn",)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu or auto")
-    return device
+    """``auto`` = CUDA when available, else CPU; under DDP the local rank's GPU."""
+    return distributed.device_for(name)
+
+
+def build_model(model_cfg: DictConfig) -> torch.nn.Module:
+    """The model class ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``)."""
+    options = OmegaConf.to_container(model_cfg, resolve=True)
+    for key in MODEL_TRAINING_KEYS:
+        options.pop(key, None)
+    return instantiate(options)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -113,7 +120,8 @@ def build_split(ds: DictConfig, split: str, train: bool, allow_unpaired: bool = 
     """One split of the configured dataset, with the train or the evaluation transform."""
     root = Path(ds.root).expanduser()
     if ds.name == "synthetic":
-        ensure_synthetic(root, ignore_index=ds.ignore_index, **ds.generate)
+        # Written once, by rank 0 under DDP; the other ranks wait for it here.
+        distributed.on_main_then_broadcast(ensure_synthetic, root, ignore_index=ds.ignore_index, **ds.generate)
     if train:
         sampling = ds.get("sampling") or {}
         transform = train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
@@ -137,7 +145,9 @@ def _repeat_factors(train_set, ds: DictConfig, workers: int):
     thresh = (ds.get("sampling") or {}).get("repeat_thresh")
     if thresh is None:
         return None
-    counts = image_class_counts(train_set, ds.num_classes, ds.ignore_index, num_workers=workers)
+    # Rank 0 reads the masks (and writes the cache) once; the other ranks receive the counts.
+    counts = distributed.on_main_then_broadcast(image_class_counts, train_set, ds.num_classes, ds.ignore_index,
+                                                num_workers=workers)
     factors = image_repeat_factors(counts > 0, thresh)
     log.info("repeat-factor sampling (t=%g): %d of %d images repeated, mean factor %.3f, max %.3f", thresh,
              int((factors > 1).sum()), len(factors), factors.mean(), factors.max())
@@ -152,8 +162,8 @@ def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
     if getattr(train_set, "needs_class_frequencies", False):
         # train() normally hands over its statistics first; this reads the same cached ones.
         log.info("rare-class cropping: reading the class frequencies of %s/%s", train_set.root, train_set.split)
-        train_set.set_class_frequencies(compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
-                                                            num_workers=workers).frequency)
+        train_set.set_class_frequencies(distributed.on_main_then_broadcast(
+            compute_class_stats, train_set, ds.num_classes, ds.ignore_index, num_workers=workers).frequency)
     sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step,
                            repeat_factors=_repeat_factors(train_set, ds, workers))
     if sampler.draws_per_rank < draws_per_step:
@@ -164,8 +174,9 @@ def build_loaders(train_set, val_set, cfg: DictConfig, device: torch.device):
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
         collate_fn=collate, drop_last=True)
+    # In order, each image once over all ranks (one shard per rank under DDP).
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=ds.batch_size_val, shuffle=False, num_workers=workers,
+        val_set, batch_size=ds.batch_size_val, sampler=ShardSampler(len(val_set)), num_workers=workers,
         pin_memory=pin, collate_fn=collate)
     return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
 
@@ -226,10 +237,17 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
 
     ``overrides`` (the command line's) are stored in the checkpoints, so that
     ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
+
+    Under torchrun (``segtrain.distributed``) every rank calls this; rank 0's ``run_dir`` is the
+    run's, and only rank 0 writes into it (config, logs, TensorBoard, checkpoints, metrics.json).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    distributed.init_from_env()
+    distributed.quiet_other_ranks()
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    main_process = distributed.is_main_process()
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tr, ds = cfg.trainer, cfg.dataset
     seed_everything(cfg.seed, tr.deterministic)
     device = resolve_device(tr.device)
@@ -238,8 +256,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     check_monitor(tr.monitor, tr.monitor_mode, class_names)
 
     train_set, val_set = build_datasets(ds)
-    stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index,
-                                num_workers=resolve_num_workers(tr.num_workers, device))
+    # One pass over the masks, on rank 0 (which writes the cache); the other ranks receive the result.
+    stats = distributed.on_main_then_broadcast(compute_class_stats, train_set, ds.num_classes, ds.ignore_index,
+                                               num_workers=resolve_num_workers(tr.num_workers, device))
     train_set.set_class_frequencies(stats.frequency)  # rare-class cropping draws classes by 1 / frequency
     class_weights = compute_class_weights(stats, class_names=class_names, **cfg.weights)
     table = weights_table(stats, class_names, cfg.weights.strategy, weights=class_weights,
@@ -247,7 +266,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     log.info("class statistics of %s/%s (%d images):\n%s", train_set.root, train_set.split, stats.num_images, table)
 
     train_loader, val_loader, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)
-    model = instantiate(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index).to(device)
@@ -259,14 +278,21 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     resume_path = resolve_resume(tr.resume, run_dir)
     if resume_path is not None:
         state = _restore(resume_path, model, optimizer, scheduler, scaler, class_weights)
+    # DDP after the restore (it broadcasts rank 0's weights), torch.compile around the whole.
+    model = distributed.wrap_model(model, device, cfg.model.get("sync_bn", "auto"))
     forward_model = torch.compile(model) if tr.compile else model
 
     log.info("run directory: %s", run_dir.resolve())
     log.info("device %s, amp %s, %d train / %d val images, %d steps per epoch, %d epochs", device,
              rt.amp_dtype or "none", len(train_set), len(val_set), steps_per_epoch, tr.epochs)
+    ranks = distributed.world_size()
+    log.info("global batch %d = %d per rank x %d rank%s x %d accumulation step%s", tr.batch_size * ranks * tr.grad_accum,
+             tr.batch_size, ranks, "s" if ranks > 1 else "", tr.grad_accum, "s" if tr.grad_accum > 1 else "")
     log.info("open the dashboards with: tensorboard --logdir %s", run_dir.resolve())
-    logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std)
-    logger.text("data/class_weights", table)
+    logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std) \
+        if main_process else None
+    if logger is not None:
+        logger.text("data/class_weights", table)
     opts = FitOptions(
         epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=ds.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip, log_every=tr.log_every,
@@ -283,10 +309,18 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                                              ds.ignore_index).metrics, class_names, "val")
         summary_metrics = {f"hparam/final/{k}": v for k, v in final.items() if k.startswith("val/")}
         summary_metrics.update({f"hparam/best/{k}": v for k, v in state.best_metrics.items() if k.startswith("val/")})
-        logger.hparams(hparams_of(cfg, rt.amp_dtype), summary_metrics)
-        logger.text("data/class_statistics", table, state.step)
+        if logger is not None:
+            logger.hparams(hparams_of(cfg, rt.amp_dtype), summary_metrics)
+            logger.text("data/class_statistics", table, state.step)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+    # DDP keeps the ranks' weights equal by construction; the digests show it for this run.
+    digests = distributed.all_gather_objects(distributed.parameters_digest(model))
+    if len(set(digests)) > 1:
+        log.error("the ranks' weights differ after training (parameter SHA-256 per rank: %s)", digests)
+    if not main_process:
+        return state.best_score
     summary = {
         "class_names": class_names,
         "class_weights": class_weights.tolist(),
@@ -300,6 +334,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "wall_time_s": time.perf_counter() - start,
         "train_time_s": state.train_seconds,
         "images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
+        "world_size": ranks,
+        "parameters_sha256": digests,  # one per rank
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from segtrain.losses import build_loss
 from segtrain.optim import param_groups
-from segtrain.train import build_datasets
+from segtrain.train import build_datasets, build_model
 from segtrain.weights import ClassStats, compute_class_weights
 
 from conftest import CONFIG_DIR
@@ -36,7 +36,7 @@ def test_every_group_has_its_first_members():
 @pytest.mark.parametrize("name", _options("model"))
 def test_model_configs_instantiate(compose_cfg, name):
     cfg = compose_cfg([f"model={name}"])
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, cfg.model.in_channels, 64, 64))

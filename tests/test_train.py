@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segtrain.checkpoint import load_checkpoint
 from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
 from segtrain.losses import build_loss
-from segtrain.train import build_datasets, train
+from segtrain.train import build_datasets, build_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +56,16 @@ def test_two_step_run_writes_the_run_directory(tmp_path):
     assert 2 in _scalars(run_dir, "val/dice/spot")
 
 
+def test_console_script_finds_the_configs_from_any_directory(tmp_path):
+    """The `segtrain` entry point imports segtrain.__main__ (so does a wrapper script under torchrun):
+    the config directory must not depend on how the module was reached or on the working directory."""
+    script = Path(sys.executable).with_name("segtrain")
+    proc = subprocess.run([str(script), "--cfg", "job", "debug=fast"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_target_: segtrain.models.UNet" in proc.stdout and "max_steps: 2" in proc.stdout
+
+
 def test_cli_typo_lists_the_valid_options(tmp_path):
     proc = _run_cli(["loss=focal_dcie"], cwd=ROOT)
     assert proc.returncode != 0
@@ -68,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch(compose_cfg, fast_overrides):
     cfg = compose_cfg(fast_overrides)
     train_set, _ = build_datasets(cfg.dataset)
     images, masks = map(torch.stack, zip(*(train_set[(i, i)] for i in range(4))))
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     loss_fn = build_loss(cfg.loss, None, num_classes=3, ignore_index=255)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -173,5 +182,5 @@ def test_compiled_channels_last_run_saves_plain_weights(compose_cfg, fast_overri
     train(compose_cfg(fast_overrides + ["trainer.compile=true", "trainer.channels_last=true"]), tmp_path / "run")
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
     assert not any(k.startswith("_orig_mod") for k in state)
-    model = instantiate(compose_cfg(fast_overrides).model)
+    model = build_model(compose_cfg(fast_overrides).model)
     model.load_state_dict(state)  # strict: every key matches the plain module

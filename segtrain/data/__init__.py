@@ -9,7 +9,7 @@ import torch
 
 from segtrain.data.cityscapes import CityscapesDataset
 from segtrain.data.folder import FolderDataset, read_image, read_mask
-from segtrain.data.sampler import EpochSampler
+from segtrain.data.sampler import EpochSampler, ShardSampler
 from segtrain.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from segtrain.data.synthetic import ensure_synthetic
 from segtrain.data.transforms import eval_transform, train_transform
@@ -19,6 +19,7 @@ __all__ = [
     "LAYOUTS",
     "CityscapesDataset",
     "EpochSampler",
+    "ShardSampler",
     "FolderDataset",
     "SYNTHETIC_CLASS_NAMES",
     "VOCDataset",

@@ -89,3 +89,25 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.draws_per_rank - self.start
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...`` of a dataset, in order, for evaluation under DDP.
+
+    Unlike ``DistributedSampler`` it never pads the shards with repeated images: every image is
+    scored exactly once over all ranks, so the summed confusion matrix equals a single
+    process's. Shards may differ in length by one.
+    """
+
+    def __init__(self, num_samples: int, rank: int | None = None, world_size: int | None = None) -> None:
+        self.num_samples = num_samples
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))

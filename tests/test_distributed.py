@@ -1,0 +1,288 @@
+"""DDP under torchrun (and submitit) on CPU with gloo: one run directory, rank-0-only writing,
+metrics equal to a single-process evaluation, identical weights, resume, and failures that end
+every rank. The multi-process tests bind their process groups to 127.0.0.1."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from segtrain import distributed
+from segtrain.checkpoint import load_checkpoint
+from segtrain.data import ShardSampler
+from segtrain.evaluate import evaluate_checkpoint
+from segtrain.metrics import flatten_metrics
+from segtrain.train import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_network_available() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+# torchrun's agent and rank 0's TCPStore listen on every interface (PyTorch has no bind address
+# for them), so the multi-process tests run in a network namespace of their own whose only
+# interface is the loopback: nothing outside the test can reach those sockets.
+PRIVATE_NETWORK = _private_network_available()
+needs_private_network = pytest.mark.skipif(
+    not PRIVATE_NETWORK, reason="needs `unshare -n` (a private network namespace) to keep torchrun's "
+    "all-interface TCPStore unreachable from outside the machine")
+
+
+def _isolated(cmd: list[str]) -> list[str]:
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+
+
+def _env() -> dict[str, str]:
+    # One thread per rank on a small CI machine; gloo's sockets on the loopback interface.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(entry: list[str], args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [str(TORCHRUN), "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", *entry, *args]
+    return subprocess.run(_isolated(cmd), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _overrides(tmp_path: Path, *extra: str) -> list[str]:
+    # 8 train images, batch 2 per rank x 2 ranks: 2 steps per epoch; every val image its own batch.
+    return ["debug=fast", f"dataset.root={tmp_path / 'data'}", "dataset.batch_size_val=1", "trainer.max_steps=null",
+            "trainer.epochs=2", *extra]
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@pytest.mark.slow
+@needs_private_network
+def test_torchrun_two_ranks_share_one_run_and_match_a_single_process_evaluation(tmp_path):
+    runs = tmp_path / "runs"
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={runs}/${{oc.env:SEGTRAIN_RUN_TIME}}"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # One run directory (named by rank 0's start time on both ranks), one TensorBoard writer,
+    # Hydra's files and train.log from rank 0 only.
+    run_dirs = [p for p in runs.glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("global batch 4 = 2 per rank x 2 ranks") == 1
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    # Identical weights on both ranks, and they are the checkpoint's.
+    digests = metrics["parameters_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    model = build_model(json_free_model_cfg(ckpt))
+    model.load_state_dict(ckpt["model"])
+    assert distributed.parameters_digest(model) == digests[0]
+
+    # The DDP evaluation (val split sharded over the ranks, confusion matrix summed) equals a
+    # single-process evaluation of the saved checkpoint, exactly.
+    single, class_names = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt")
+    single = flatten_metrics(single, class_names, "val")
+    final = metrics["final"]
+    assert set(final) == set(single)
+    for key in final:
+        if key == "val/loss":  # the mean of per-image losses, added in another order
+            assert final[key] == pytest.approx(single[key], rel=1e-6)
+        else:
+            assert _same(final[key], single[key]), (key, final[key], single[key])
+
+
+def json_free_model_cfg(ckpt: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(ckpt["config"]).model
+
+
+@pytest.mark.slow
+@needs_private_network
+def test_torchrun_resume_reaches_the_same_step_and_weights(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={straight}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={resumed}", "trainer.max_steps=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(resumed / "checkpoints" / "last.pt")["train_state"]["step"] == 1
+    # Both ranks read the same last.pt and go on from step 1 of epoch 1.
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={resumed}", "trainer.resume=auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in (resumed / "train.log").read_text()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+    assert a["steps"] == b["steps"] == 4 and b["epochs"] == 2
+    assert a["parameters_sha256"] == b["parameters_sha256"]
+    assert len(set(b["parameters_sha256"])) == 1
+
+
+FAILING_ENTRY = """
+import os
+import segtrain.engine as engine
+
+train_one_epoch = engine.train_one_epoch
+
+
+def fail_on_rank_1(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure on rank 1")
+    return train_one_epoch(*args, **kwargs)
+
+
+engine.train_one_epoch = fail_on_rank_1
+
+from segtrain.__main__ import main
+
+main()
+"""
+
+
+@pytest.mark.slow
+@needs_private_network
+def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path):
+    """Rank 0 is inside its first DDP step, waiting on rank 1, when rank 1 raises: torchrun must
+    end both and report rank 1's error rather than leave rank 0 waiting."""
+    entry = tmp_path / "failing_entry.py"
+    entry.write_text(textwrap.dedent(FAILING_ENTRY))
+    run_dir = tmp_path / "run"
+    proc = _torchrun([str(entry)], _overrides(tmp_path, f"hydra.run.dir={run_dir}"), timeout=240)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "injected failure on rank 1" in output
+    assert "rank      : 1" in output or "rank: 1" in output  # torchrun's summary names the failing rank
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@needs_private_network
+def test_submitit_local_launcher_runs_each_job_on_two_ranks(tmp_path):
+    """``hydra/launcher=submitit_local`` with two tasks per job: each task is a rank (the same
+    environment a SLURM job gets from ``hydra/launcher=submitit_slurm``)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    args = [sys.executable, "-m", "segtrain", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", *_overrides(tmp_path), "seed=7"]
+    proc = subprocess.run(_isolated(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(p.read_text() for p in sweep.glob(".submitit/*/*.err")) if sweep.exists() else ""
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs[-3000:]
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert len(set(metrics["parameters_sha256"])) == 1
+    assert len(list((sweep / "0" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+# --- single-process checks of the helpers ---------------------------------------------------
+
+
+def test_shard_sampler_scores_every_image_once_over_the_ranks():
+    for n, world in [(10, 3), (4, 2), (1, 2), (0, 2)]:
+        shards = [list(ShardSampler(n, rank=r, world_size=world)) for r in range(world)]
+        assert sorted(i for shard in shards for i in shard) == list(range(n))
+        assert [len(ShardSampler(n, rank=r, world_size=world)) for r in range(world)] == [len(s) for s in shards]
+    assert list(ShardSampler(5)) == [0, 1, 2, 3, 4]  # a single process: the split in order
+    with pytest.raises(ValueError, match="rank 2 outside world size 2"):
+        ShardSampler(5, rank=2, world_size=2)
+
+
+def test_helpers_are_no_ops_without_a_process_group():
+    assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.all_gather_objects("x") == ["x"]
+    t = torch.ones(3)
+    assert distributed.all_reduce_sum(t) is t and torch.equal(t, torch.ones(3))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert distributed.wrap_model(model, torch.device("cpu"), True) is model
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank, through a file store (no socket)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_wrap_model_under_ddp_on_cpu(one_rank_group):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="model.sync_bn=true needs CUDA"):
+        distributed.wrap_model(model, torch.device("cpu"), True)
+    wrapped = distributed.wrap_model(model, torch.device("cpu"), "auto")
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    assert type(wrapped.module[1]) is torch.nn.BatchNorm2d  # no SyncBatchNorm on CPU
+    assert distributed.unwrap(torch.compile(wrapped)) is model
+    assert distributed.parameters_digest(wrapped) == distributed.parameters_digest(model)
+    assert distributed.broadcast_object([1, "two"]) == [1, "two"]
+
+
+def test_parameters_digest_sees_one_changed_value():
+    model = torch.nn.Linear(3, 2)
+    before = distributed.parameters_digest(model)
+    with torch.no_grad():
+        model.bias[1] += 1e-6
+    assert distributed.parameters_digest(model) != before
+
+
+def test_build_model_leaves_sync_bn_to_the_trainer(compose_cfg, fast_overrides):
+    cfg = compose_cfg([*fast_overrides, "model.sync_bn=true"])
+    assert cfg.model.sync_bn is True
+    assert build_model(cfg.model).__class__.__name__ == "UNet"
+
+
+SUBMITIT_TASK = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "4",
+                 "SUBMITIT_LOCAL_JOB_NUM_NODES": "2", "SUBMITIT_LOCAL_NODEID": "1", "SUBMITIT_LOCAL_GLOBALID": "3",
+                 "SUBMITIT_LOCAL_LOCALID": "1"}
+
+
+def test_a_submitit_task_is_described_as_torchrun_would(monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # the export writes variables: keep them in the test
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SUBMITIT_TASK.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    distributed._export_submitit_env()
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1"}
+    port = int(os.environ["MASTER_PORT"])
+    assert 20000 <= port < 60000
+    # Every task of the job derives the same port from the job id.
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
+    for key in ("RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key)
+    distributed._export_submitit_env()
+    assert os.environ["RANK"] == "0" and int(os.environ["MASTER_PORT"]) == port
+
+
+def test_world_size_without_the_rest_of_torchrun_environment_is_an_error(monkeypatch):
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set"):
+        distributed.init_from_env()
