@@ -286,3 +286,36 @@ def test_world_size_without_the_rest_of_torchrun_environment_is_an_error(monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set"):
         distributed.init_from_env()
+
+
+def test_slurm_ddp_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
+    """configs/hydra/launcher/slurm_ddp.yaml, turned into the sbatch script the way Hydra's submitit
+    launcher does (no cluster here: a stand-in `srun` on the PATH lets submitit write the script)."""
+    submitit = pytest.importorskip("submitit")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from conftest import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8",
+                                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["tasks_per_node"] == 8  # follows gpus_per_node
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{key if key in base else f"slurm_{key}": value for key, value in params.items()
+                                  if key not in ("_target_", "submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit X", "uid")
+    for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --cpus-per-task=8", "export SLURM_KILL_BAD_EXIT=1"):
+        assert line in script, line
+    assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun ")
