@@ -44,7 +44,8 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+    """This process's index on its node, as the launcher set it (0 without one)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main_process() -> bool:
@@ -88,7 +89,7 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
                            "start distributed runs with torchrun (see README, 'Several GPUs')")
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), backend)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from segtrain import distributed
 from segtrain.checkpoint import load_checkpoint
@@ -97,7 +98,7 @@ def test_torchrun_two_ranks_share_one_run_and_match_a_single_process_evaluation(
     digests = metrics["parameters_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    model = build_model(json_free_model_cfg(ckpt))
+    model = build_model(OmegaConf.create(ckpt["config"]).model)
     model.load_state_dict(ckpt["model"])
     assert distributed.parameters_digest(model) == digests[0]
 
@@ -112,12 +113,6 @@ def test_torchrun_two_ranks_share_one_run_and_match_a_single_process_evaluation(
             assert final[key] == pytest.approx(single[key], rel=1e-6)
         else:
             assert _same(final[key], single[key]), (key, final[key], single[key])
-
-
-def json_free_model_cfg(ckpt: dict):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create(ckpt["config"]).model
 
 
 @pytest.mark.slow
@@ -295,7 +290,6 @@ def test_slurm_ddp_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
 
     from conftest import CONFIG_DIR
 

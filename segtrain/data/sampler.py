@@ -25,6 +25,15 @@ import torch
 from segtrain import distributed
 
 
+def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The given shard position, or the process group's; checked."""
+    rank = distributed.rank() if rank is None else rank
+    world_size = distributed.world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank, world_size
+
+
 class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, num_samples: int, seed: int, drop_last_batch_of: int | None = None,
                  repeat_factors: Sequence[float] | torch.Tensor | None = None, rank: int | None = None,
@@ -33,10 +42,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.epoch = 0
         self.start = 0
-        self.rank = distributed.rank() if rank is None else rank
-        self.world_size = distributed.world_size() if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         self.repeat_factors = None
         total = num_samples
         if repeat_factors is not None:
@@ -101,10 +107,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_samples: int, rank: int | None = None, world_size: int | None = None) -> None:
         self.num_samples = num_samples
-        self.rank = distributed.rank() if rank is None else rank
-        self.world_size = distributed.world_size() if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.num_samples, self.world_size))

@@ -217,7 +217,6 @@ class _FocalDice(torch.autograd.Function):
         grad.addcmul_(probs, u.unsqueeze(1), value=-1)
         grad.scatter_add_(1, safe_target.unsqueeze(1), d.unsqueeze(1))
         return grad.view(shape), *(None,) * 9
-        return grad, *(None,) * 9
 
 
 @float32_math
