@@ -38,13 +38,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import segtrain  # noqa: F401
+from segtrain.config import CONFIG_DIR
 from segtrain.losses import (
     CrossEntropyLoss,
     DiceLoss,
@@ -57,7 +57,6 @@ from segtrain.losses import (
 )
 from segtrain.weights import compute_class_stats, compute_class_weights
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IGNORE = 255
 REFERENCE = "F.cross_entropy (reference)"
 Case = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,16 +77,15 @@ def make_inputs(shape: tuple[int, ...], ignore_fraction: float, device: torch.de
 
 def median_freq_weights(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     stats = compute_class_stats(list(target.cpu()), num_classes, IGNORE)
-    return compute_class_weights(stats, **OmegaConf.load(CONFIGS / "weights" / "median_freq.yaml"))
+    return compute_class_weights(stats, **OmegaConf.load(CONFIG_DIR / "weights" / "median_freq.yaml"))
 
 
 def make_cases(target: torch.Tensor, num_classes: int, class_weights: torch.Tensor, peers: bool) -> dict[str, Case]:
     device = target.device
 
     def composite(name: str, fuse: bool = True) -> Case:
-        loss_fn = build_loss(OmegaConf.load(CONFIGS / "loss" / f"{name}.yaml"), class_weights,
-                             num_classes=num_classes, ignore_index=IGNORE).to(device)
-        loss_fn.fuse = fuse
+        loss_fn = build_loss(OmegaConf.load(CONFIG_DIR / "loss" / f"{name}.yaml"), class_weights,
+                             num_classes=num_classes, ignore_index=IGNORE, fuse=fuse).to(device)
         return lambda logits, target: loss_fn(logits, target)["loss"]
 
     def module(loss_fn: torch.nn.Module) -> Case:

@@ -1,6 +1,6 @@
 """Throughput of the class-statistics pass (decode and count every training mask), by worker count.
 
-The pass is ``segtrain.data.stats.compute_class_stats`` with the cache off, reading index PNGs
+The pass is ``segtrain.data.class_stats.compute_class_stats`` with the cache off, reading index PNGs
 with the training code's ``read_mask``. The masks are generated once under ``--root`` (512x512
 uint8, four classes of very different sizes and a one-pixel ignore band at every border) and
 reused by later runs. Worker counts are measured in turn (0, 2, 0, 2, ...), so that a slow
@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
+from segtrain.data.class_stats import compute_class_stats
 from segtrain.data.folder import read_mask
-from segtrain.data.stats import compute_class_stats
 
 NUM_CLASSES = 4
 IGNORE_INDEX = 255

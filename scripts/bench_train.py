@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 import segtrain  # noqa: F401
-from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
+from segtrain.build import build_data, build_loaders, build_model, place_model
+from segtrain.checkpoint import TrainState
+from segtrain.config import compose_config
+from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
-from segtrain.train import build_datasets, build_loaders, build_model
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _variants(cuda: bool) -> list[dict]:
@@ -52,18 +50,15 @@ def _variants(cuda: bool) -> list[dict]:
 def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float | None]:
     device = torch.device(variant["device"])
     cfg.trainer.num_workers = variant["workers"]
-    train_set, val_set = build_datasets(cfg.dataset)
-    train_loader, _, steps_per_epoch = build_loaders(train_set, val_set, cfg, device)
+    train_loader, _, steps_per_epoch = build_loaders(build_data(cfg.dataset), cfg, device)
     rt = Runtime(device, variant["amp"], variant.get("channels_last", False))
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward_model = torch.compile(model) if variant.get("compile") else model
+    model = place_model(build_model(cfg.model), rt)
     loss_fn = build_loss(cfg.loss, None, num_classes=cfg.dataset.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=variant["amp"] == torch.float16)
+    parts = TrainParts(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       torch.amp.GradScaler(device.type, enabled=variant["amp"] == torch.float16),
+                       net=torch.compile(model) if variant.get("compile") else model)
     if steps + warmup > steps_per_epoch:
         raise SystemExit(f"--steps + --warmup = {steps + warmup} exceeds the {steps_per_epoch} steps of one epoch")
 
@@ -74,7 +69,7 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(forward_model, train_loader, loss_fn, optimizer, scheduler, scaler, rt, TrainState(), opts)
+        train_one_epoch(parts, train_loader, loss_fn, rt, TrainState(), opts)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -126,10 +121,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     count = (args.steps + args.warmup) * args.batch_size
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"dataset.root={args.root}", f"dataset.generate.num_train={count}", "dataset.generate.num_val=2",
-            f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
+    cfg = compose_config([
+        f"dataset.root={args.root}", f"dataset.generate.num_train={count}", "dataset.generate.num_val=2",
+        f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
     rows = []
     variants = [v for v in _variants(torch.cuda.is_available()) if args.only is None or args.only in v["name"]]
     for variant in variants:

@@ -16,21 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
+from segtrain.build import class_names_of, dataset_split, resolve_num_workers
+from segtrain.config import compose_config
 from segtrain.data.check import SplitReport, check_split, format_report
-from segtrain.train import build_split, class_names_of, resolve_num_workers
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def check(overrides: list[str], splits: list[str] | None = None, workers: int | None = None) -> list[SplitReport]:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config(overrides)
     ds = cfg.dataset
     class_names = class_names_of(ds)
     if workers is None:  # trainer.num_workers, resolved as for a CPU run: no model competes here
@@ -38,7 +34,7 @@ def check(overrides: list[str], splits: list[str] | None = None, workers: int | 
     reports = []
     for split in splits or [ds.train_split, ds.val_split]:
         try:
-            dataset = build_split(ds, split, train=False, allow_unpaired=True)
+            dataset = dataset_split(ds, split, allow_unpaired=True)
         except (OSError, ValueError) as err:  # empty split, missing directory or list file, bad list line
             report = SplitReport(split, problems=[str(err)])
         else:

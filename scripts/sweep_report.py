@@ -1,4 +1,4 @@
-"""Summarise a Hydra multirun of segtrain: one table row per run, per-class F1 bars.
+"""Summarise a Hydra multirun of segtrain: one table row per run, per-class Dice bars.
 
     python scripts/sweep_report.py outputs/multirun/<date>/<time> [--which best] [--extra val/iou/spot]
 
@@ -102,7 +102,7 @@ def class_names_of(runs: list[Run]) -> list[str]:
 def columns_of(class_names: list[str], extra: list[str]) -> list[tuple[str, str]]:
     """(header, metrics.json key) of every metric column."""
     cols = [("mDice", f"{PREFIX}/mDice"), ("mIoU", f"{PREFIX}/mIoU")]
-    cols += [(f"F1 {name}", f"{PREFIX}/dice/{name}") for name in class_names]
+    cols += [(f"Dice {name}", f"{PREFIX}/dice/{name}") for name in class_names]
     return cols + [(key, key) for key in extra]
 
 
@@ -193,7 +193,7 @@ def plot(path: Path, runs: list[Run], varying: list[str], class_names: list[str]
         ax.bar_label(bars, fmt="%.3f", rotation=90, padding=2, fontsize=7)
     ax.set_xticks(range(len(order)), order)
     ax.set_ylim(0, 1.15)  # room for the value labels above bars near 1
-    ax.set_ylabel("F1 (Dice) on the val split")
+    ax.set_ylabel("Dice (of the hard labels) on the val split")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     caption = how + (f"; failed runs not shown: {', '.join(failed)}" if failed else "")
@@ -232,7 +232,7 @@ def report(sweep_dir: Path, which: str = "final", extra: list[str] | None = None
         lines.append(f"Optuna: best value {result.get('best_value')} with {best}")
     lines.append("Common to every run: " + (" ".join(f"`{o}`" for o in common) if common else "none"))
     lines += ["", f"{len(runs)} runs, {len(runs) - len(done)} failed. Metrics of the {section}, val split; "
-              "F1 = Dice on hard labels; bold = best of the column (none when all are equal).", ""]
+              "Dice of the hard labels (= F1); bold = best of the column (none when all are equal).", ""]
     lines += markdown_table(runs, varying, columns_of(class_names, extra or []), which, precision)
     failed = [run for run in runs if not run.ok]
     if failed:
@@ -241,8 +241,8 @@ def report(sweep_dir: Path, which: str = "final", extra: list[str] | None = None
                   "train.log) or it is still running."]
     (sweep_dir / "report.png").unlink(missing_ok=True)  # never leave a figure of an earlier report
     why_not = plot(sweep_dir / "report.png", runs, varying, class_names,
-                   f"per-class F1, {which} metrics: {sweep_dir.parent.name}/{sweep_dir.name}")
-    lines += ["", f"Per-class F1 bars: {why_not}" if why_not else "![per-class F1](report.png)"]
+                   f"per-class Dice, {which} metrics: {sweep_dir.parent.name}/{sweep_dir.name}")
+    lines += ["", f"Per-class Dice bars: {why_not}" if why_not else "![per-class Dice](report.png)"]
     text = "\n".join(lines) + "\n"
     (sweep_dir / "report.md").write_text(text)
     return text, why_not is None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,15 +19,11 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from segtrain import distributed
+from segtrain.config import CONFIG_DIR
 from segtrain.train import train
 
 
-# An absolute path: Hydra resolves a relative one against the calling module, which breaks when
-# this module is imported (the `segtrain` console script, a wrapper script under torchrun).
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @record  # under torchrun: the failing rank's traceback goes into torchrun's error summary
 def run(cfg: DictConfig) -> float:
     # The returned score is what Hydra sweepers (Optuna, ...) optimise.

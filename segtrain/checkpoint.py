@@ -1,19 +1,48 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``.
+"""The checkpoint payload: written atomically, restored into a training run, read for inference.
 
-A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads without
-unpickling arbitrary objects; the run's config travels as a YAML string.
+A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)`` without unpickling arbitrary objects; the run's resolved
+config travels as a YAML string. Keys:
+
+    model, optimizer, scheduler, scaler   state dicts (``TrainParts.state_dict``)
+    train_state                           ``TrainState`` as a dict
+    rng                                   every random generator a step may touch
+    config, overrides                     the resolved config (YAML) and the command line's overrides
+    class_names, class_weights            as trained
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# What evaluation, inference and export read; a file without them is not a segtrain checkpoint.
+INFERENCE_KEYS = ("model", "config", "class_names")
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run needs besides the module states."""
+
+    epoch: int = 0  # the epoch in progress, 0-based
+    step: int = 0  # optimizer steps done in total
+    step_in_epoch: int = 0
+    best_score: float | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    images_seen: int = 0
+    train_seconds: float = 0.0
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -69,3 +98,81 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_payload(parts, state: TrainState, meta: dict[str, Any]) -> dict[str, Any]:
+    """The whole checkpoint of a run at ``state``: ``parts`` is an ``engine.TrainParts``."""
+    return {**parts.state_dict(), "train_state": dataclasses.asdict(state), "rng": rng_state(), **meta}
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``trainer.resume``: None/empty = start afresh, ``auto`` = this run directory's last.pt if any."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file")
+    return path
+
+
+def restore_training(path: Path, parts, class_weights: torch.Tensor) -> TrainState:
+    """Load every state of ``path`` into ``parts`` and the random generators; the progress to go on from."""
+    ckpt = load_checkpoint(path)
+    parts.load_state_dict(ckpt)
+    set_rng_state(ckpt["rng"])
+    saved = ckpt.get("class_weights")
+    if saved is not None and not torch.allclose(saved, class_weights.cpu()):
+        log.warning("class weights differ from the checkpoint's: %s now, %s in %s", class_weights.tolist(),
+                    saved.tolist(), path)
+    state = TrainState(**ckpt["train_state"])
+    log.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
+    return state
+
+
+@dataclass
+class SavedModel:
+    """What evaluation, inference and export read from a checkpoint."""
+
+    path: Path
+    config: DictConfig  # the run's resolved config
+    overrides: list[str]  # its command line, for composing further overrides on top
+    weights: dict[str, torch.Tensor]  # the model's state dict
+    class_names: list[str]
+    class_weights: torch.Tensor | None
+    train_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.dataset.num_classes)
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.config.dataset.ignore_index)
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.config.dataset.mean)
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.config.dataset.std)
+
+    @property
+    def palette(self) -> Any:
+        """``dataset.palette`` as configured (a list of colours or a colour mapping), or None."""
+        palette = self.config.dataset.get("palette")
+        return OmegaConf.to_container(palette) if OmegaConf.is_config(palette) else palette
+
+
+def read_for_inference(path: str | Path) -> SavedModel:
+    """The model, its config and its class metadata from a checkpoint (no optimizer state kept)."""
+    ckpt = load_checkpoint(path)
+    missing = [key for key in INFERENCE_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(INFERENCE_KEYS)
+    if missing:
+        raise ValueError(f"{path}: not a segtrain checkpoint (no {', '.join(missing)}); expected a "
+                         "checkpoints/last.pt or best.pt written by python -m segtrain")
+    return SavedModel(Path(path), OmegaConf.create(ckpt["config"]), list(ckpt.get("overrides", [])), ckpt["model"],
+                      list(ckpt["class_names"]), ckpt.get("class_weights"), ckpt.get("train_state", {}))

@@ -139,11 +139,6 @@ def on_main_then_broadcast(fn, *args, **kwargs):
     return broadcast_object(fn(*args, **kwargs) if is_main_process() else None)
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place; returns it for chaining."""
     if is_distributed():

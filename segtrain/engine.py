@@ -2,15 +2,13 @@
 
 Precision is chosen once (``Runtime``); the loop itself never branches on it except for the
 GradScaler, which only fp16 needs. The loss is read back to the host only every
-``log_every`` steps, so a GPU is never stalled by a per-step ``.item()``.
+``log_every`` steps (``TrainMeter.flush``), so a GPU is never stalled by a per-step ``.item()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.checkpoint import rng_state, save_checkpoint
-from segtrain.metrics import ConfusionMatrix, SoftDiceTracker, class_argmax, flatten_metrics, format_table
+from segtrain.checkpoint import TrainState, save_checkpoint, training_payload
+from segtrain.errors import choice_message
+from segtrain.meter import TrainMeter
+from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,37 @@ class Runtime:
 
 
 @dataclass
-class TrainState:
-    """Everything about progress that a resumed run needs besides the module states."""
+class TrainParts:
+    """What an optimizer step changes. ``model`` is the plain module (its keys are the
+    checkpoint's); ``net`` runs the steps: ``model`` inside DDP and/or torch.compile, or itself."""
 
-    epoch: int = 0  # the epoch in progress, 0-based
-    step: int = 0  # optimizer steps done in total
-    step_in_epoch: int = 0
-    best_score: float | None = None
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    images_seen: int = 0
-    train_seconds: float = 0.0
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    net: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.net = self.model if self.net is None else self.net
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def step(self, grad_clip: float | None) -> None:
+        if grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
 
 @dataclass(frozen=True)
@@ -74,71 +95,58 @@ class FitOptions:
     num_samples: int = 4  # validation images drawn as overlays at every evaluation
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float | None) -> None:
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+@dataclass
+class RunOutput:
+    """Where a run writes: checkpoints (``None``: nowhere, as on DDP ranks other than 0), the
+    TensorBoard logger, and what every checkpoint carries besides the training state."""
+
+    checkpoint_dir: Path | None = None
+    logger: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, parts: TrainParts, state: TrainState, name: str) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(training_payload(parts, state, self.meta), self.checkpoint_dir / name)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, rt: Runtime, state: TrainState,
-                    opts: FitOptions, logger=None) -> None:
+def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
+                    logger=None) -> None:
     """Run the optimizer steps left in ``state.epoch``; the loader must start at the matching draw."""
-    model.train()
+    net = parts.net
+    net.train()
     steps = opts.steps_per_epoch - state.step_in_epoch
     if opts.max_steps is not None:
         steps = min(steps, opts.max_steps - state.step)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{opts.epochs}", disable=not opts.progress,
                leave=False, dynamic_ncols=True)
-    running: dict[str, torch.Tensor] = {}
-    soft_dice = SoftDiceTracker(len(opts.class_names), opts.ignore_index)
-    since_log, images_since_log, tick = 0, 0, time.perf_counter()
+    meter = TrainMeter(opts.class_names, opts.ignore_index, opts.grad_accum)
     batches = iter(loader)
     for i in range(steps):
         for micro in range(opts.grad_accum):
             images, masks = rt.to_device(*next(batches))
             # Under DDP the gradients are all-reduced once per optimizer step, at the last micro-batch.
-            sync = micro == opts.grad_accum - 1 or not hasattr(model, "no_sync")
-            with nullcontext() if sync else model.no_sync():
+            sync = micro == opts.grad_accum - 1 or not hasattr(net, "no_sync")
+            with nullcontext() if sync else net.no_sync():
                 with rt.autocast():
-                    logits = model(images)
+                    logits = net(images)
                     out = loss_fn(logits, masks)
-                scaler.scale(out["loss"] / opts.grad_accum).backward()
-            for key, value in out.items():
-                running[key] = running.get(key, 0.0) + value.detach().float() / opts.grad_accum
-            soft_dice.update(logits.detach(), masks)
-            images_since_log += images.shape[0]
-        _optimizer_step(model, optimizer, scheduler, scaler, opts.grad_clip)
+                parts.scaler.scale(out["loss"] / opts.grad_accum).backward()
+            meter.update(out, logits, masks)
+        parts.step(opts.grad_clip)
+        meter.step()
         state.step += 1
         state.step_in_epoch += 1
-        since_log += 1
         bar.update(1)
-        if since_log == opts.log_every or i == steps - 1:
-            # The one host sync; under DDP the mean over ranks, and images counted over all ranks.
-            keys = sorted(running)
-            totals = distributed.all_reduce_sum(torch.stack([running[k] for k in keys]))
-            values = dict(zip(keys, (totals / (since_log * distributed.world_size())).tolist()))
-            images_since_log *= distributed.world_size()
-            elapsed = time.perf_counter() - tick
-            state.train_seconds += elapsed
-            state.images_seen += images_since_log
-            lr = scheduler.get_last_lr()[0]
-            speed = images_since_log / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            dice = soft_dice.compute_and_reset()
+        if meter.steps == opts.log_every or i == steps - 1:
+            interval = meter.flush(parts.scheduler.get_last_lr()[0], rt.device)
+            state.train_seconds += interval.seconds
+            state.images_seen += interval.images
+            bar.set_postfix(loss=f"{interval.loss:.4f}", lr=f"{interval.scalars['train/lr']:.2e}",
+                            img_s=f"{interval.images_per_s:.1f}")
             if logger is not None:
-                scalars = {"train/loss" if k == "loss" else f"train/loss/{k}": v for k, v in values.items()}
-                scalars.update({"train/lr": lr, "train/images_per_s": speed})
-                scalars.update({f"train/soft_dice/{c}": v for c, v in zip(opts.class_names, dice.tolist())})
-                if rt.device.type == "cuda":
-                    scalars["train/gpu_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-                logger.scalars(scalars, state.step)
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"training loss is {values['loss']} at step {state.step}")
-            running, since_log, images_since_log, tick = {}, 0, 0, time.perf_counter()
+                logger.scalars(interval.scalars, state.step)
+            if not math.isfinite(interval.loss):
+                raise FloatingPointError(f"training loss is {interval.loss} at step {state.step}")
     bar.close()
 
 
@@ -185,61 +193,52 @@ def _improved(score: float, best: float | None, mode: str) -> bool:
     return best is None or (score > best if mode == "max" else score < best)
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, extra: dict) -> dict:
-    return {
-        # torch.compile and DDP wrap the module; save the plain one's keys so any run can load them.
-        "model": distributed.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "train_state": dataclasses.asdict(state),
-        "rng": rng_state(),
-        **extra,
-    }
+def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime, state: TrainState,
+                            opts: FitOptions, out: RunOutput) -> dict[str, float]:
+    result = evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
+                      opts.num_samples if out.logger is not None else 0)
+    final = flatten_metrics(result.metrics, opts.class_names, "val")
+    log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
+             format_table(result.metrics, opts.class_names))
+    if out.logger is not None:
+        out.logger.scalars(final, state.step)
+        out.logger.evaluation(result.matrix, result.samples, state.step)
+    score = final.get(opts.monitor)
+    if score is None:
+        raise KeyError(choice_message("trainer.monitor", opts.monitor, sorted(final), "is not a logged metric"))
+    if _improved(score, state.best_score, opts.monitor_mode):
+        state.best_score = score
+        state.best_metrics = {**final, "epoch": state.epoch, "step": state.step}
+        out.save(parts, state, "best.pt")
+    return final
 
 
-def fit(model, train_loader, val_loader, loss_fn, optimizer, scheduler, scaler, rt: Runtime, state: TrainState,
-        opts: FitOptions, run_dir: Path, logger=None, extra: dict | None = None) -> dict[str, float]:
+def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
+        out: RunOutput) -> dict[str, float]:
     """Train from ``state`` to the end of the schedule (or ``max_steps``); returns the last
-    evaluation's flattened metrics. Writes ``checkpoints/last.pt`` after every epoch and at
-    the stop, and ``checkpoints/best.pt`` whenever ``opts.monitor`` improves (rank 0 only under DDP)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    extra = extra or {}
+    evaluation's flattened metrics (evaluating once if the run had nothing left to train).
+    Writes ``last.pt`` after every epoch and at the stop, ``best.pt`` whenever ``opts.monitor``
+    improves."""
     final: dict[str, float] = {}
     sampler = train_loader.sampler
     while state.epoch < opts.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
-        train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler, rt, state, opts, logger)
+        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger)
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch
         if epoch_done:
             state.epoch += 1
             state.step_in_epoch = 0
-        last_epoch = state.epoch == opts.epochs
         # Without SyncBatchNorm each rank's BatchNorm statistics drifted apart: evaluate and save rank 0's.
-        distributed.broadcast_buffers(model)
-        if stopping or last_epoch or (epoch_done and state.epoch % opts.eval_every == 0):
-            result = evaluate(model, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
-                              opts.num_samples if logger is not None else 0)
-            final = flatten_metrics(result.metrics, opts.class_names, "val")
-            log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
-                     format_table(result.metrics, opts.class_names))
-            if logger is not None:
-                logger.scalars(final, state.step)
-                logger.evaluation(result.matrix, result.samples, state.step)
-            score = final.get(opts.monitor)
-            if score is None:
-                raise KeyError(f"trainer.monitor={opts.monitor!r} is not a logged metric; valid: {', '.join(sorted(final))}")
-            if _improved(score, state.best_score, opts.monitor_mode):
-                state.best_score = score
-                state.best_metrics = {**final, "epoch": state.epoch, "step": state.step}
-                if distributed.is_main_process():
-                    save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra),
-                                    ckpt_dir / "best.pt")
-        if distributed.is_main_process():
-            save_checkpoint(checkpoint_state(model, optimizer, scheduler, scaler, state, extra), ckpt_dir / "last.pt")
-        if logger is not None:
-            logger.flush()
+        distributed.broadcast_buffers(parts.model)
+        if stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0):
+            final = _evaluate_and_keep_best(parts, val_loader, loss_fn, rt, state, opts, out)
+        out.save(parts, state, "last.pt")
+        if out.logger is not None:
+            out.logger.flush()
         if stopping:
             break
+    if not final:  # resumed from a finished run: nothing left to train, still report
+        final = flatten_metrics(evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names),
+                                         opts.ignore_index).metrics, opts.class_names, "val")
     return final

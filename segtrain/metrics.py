@@ -34,9 +34,6 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
 
-    def reset(self) -> None:
-        self.matrix.zero_()
-
     @torch.no_grad()
     def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor) -> None:
         """``preds_or_logits``: logits (N, C, H, W), arg-maxed here, or labels (N, H, W)."""
@@ -56,11 +53,11 @@ class ConfusionMatrix:
         all_reduce_sum(self.matrix)
 
     def compute(self) -> dict[str, torch.Tensor | float]:
-        """Per-class ``iou``, ``f1`` (Dice on hard labels), ``precision``, ``recall``, ``acc``
-        (float64 tensors; NaN where undefined) and the scalars ``mIoU``, ``mDice``, ``pixel_acc``.
+        """Per-class ``iou``, ``dice`` (F1 of the hard labels), ``precision``, ``recall`` (float64
+        tensors; NaN where undefined) and the scalars ``mIoU``, ``mDice``, ``pixel_acc``.
 
-        A class with tp + fp + fn = 0 (never present, never predicted) has NaN IoU/F1 and is
-        left out of the means.
+        A class with tp + fp + fn = 0 (never present, never predicted) has NaN IoU and Dice and
+        is left out of the means.
         """
         m = self.matrix.double().cpu()
         tp = m.diag()
@@ -72,16 +69,15 @@ class ConfusionMatrix:
             return torch.where(den > 0, num / den.clamp_min(1), nan)
 
         iou = ratio(tp, tp + fp + fn)
-        f1 = ratio(2 * tp, 2 * tp + fp + fn)
+        dice = ratio(2 * tp, 2 * tp + fp + fn)
         total = m.sum()
         return {
             "iou": iou,
-            "f1": f1,
+            "dice": dice,
             "precision": ratio(tp, tp + fp),
             "recall": ratio(tp, tp + fn),
-            "acc": ratio(tp, tp + fn),
             "mIoU": float(iou.nanmean()),
-            "mDice": float(f1.nanmean()),
+            "mDice": float(dice.nanmean()),
             "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
         }
 
@@ -134,21 +130,20 @@ def flatten_metrics(result: dict, class_names: list[str], prefix: str = "val") -
     flat: dict[str, float] = {}
     for key, value in result.items():
         if isinstance(value, torch.Tensor):
-            name = "dice" if key == "f1" else key
             for class_name, v in zip(class_names, value.tolist()):
-                flat[f"{prefix}/{name}/{class_name}"] = v
+                flat[f"{prefix}/{key}/{class_name}"] = v
         else:
             flat[f"{prefix}/{key}"] = value
     return flat
 
 
 def format_table(result: dict, class_names: list[str]) -> str:
-    """A per-class text table: IoU, Dice (F1), precision, recall."""
+    """A per-class text table: IoU, Dice, precision, recall."""
     width = max(10, *(len(n) for n in class_names))
     header = f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'prec':>6}  {'recall':>6}"
     rows = [header, "-" * len(header)]
     for c, name in enumerate(class_names):
-        cells = [result[k][c].item() for k in ("iou", "f1", "precision", "recall")]
+        cells = [result[k][c].item() for k in ("iou", "dice", "precision", "recall")]
         rows.append(f"{name:<{width}}  " + "  ".join(f"{v:6.4f}" for v in cells))
     rows.append("-" * len(header))
     rows.append(f"{'mean':<{width}}  {result['mIoU']:6.4f}  {result['mDice']:6.4f}   pixel acc {result['pixel_acc']:.4f}")

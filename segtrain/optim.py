@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from segtrain.errors import choice_message
+
 SCHEDULES = ("poly", "cosine", "none")
 
 
@@ -21,7 +23,7 @@ def _multiplier(name: str, total_steps: int, power: float, min_lr_ratio: float) 
         return lambda s: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0)))
     if name == "none":
         return lambda s: 1.0
-    raise ValueError(f"unknown scheduler name {name!r}; valid: {', '.join(SCHEDULES)}")
+    raise ValueError(choice_message("scheduler.name", name, SCHEDULES))
 
 
 def build_scheduler(

@@ -2,7 +2,7 @@
 
 Takes the same overrides as ``python -m segtrain`` and composes the same config, builds the
 training split through the same code (so the synthetic dataset is generated if needed),
-counts it with the same cached ``compute_class_stats`` and prints, per class, the counts,
+counts it with the same cached one-pass class counts and prints, per class, the counts,
 the weight under every strategy and the weights the configured strategy would train with;
 then exits without training. The counts are cached beside the dataset, so a second call
 reads no mask and says so.
@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -29,8 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
-from segtrain.data.stats import class_stats_cache_file, compute_class_stats, read_cached_class_stats
-from segtrain.train import build_datasets, class_names_of, resolve_device, resolve_num_workers, weights_column_options
+from segtrain import distributed
+from segtrain.build import class_names_of, dataset_split, resolve_num_workers, weights_column_options
+from segtrain.config import CONFIG_DIR
+from segtrain.data.class_stats import ClassStats
+from segtrain.data.scan import counts_cache_file, image_class_counts, read_cached_counts
 from segtrain.weights import compute_class_weights, weights_table
 
 
@@ -50,23 +52,24 @@ _NO_RUN_DIR = [
 def _worker_device(name: str) -> torch.device:
     # Only decides the worker count: a CUDA device named on a machine without one is the
     # training run's error to raise, not this report's.
-    return resolve_device(name) if name == "auto" else torch.device(name)
+    return distributed.device_for(name) if name == "auto" else torch.device(name)
 
 
 def class_stats_report(cfg: DictConfig) -> str:
     """The text ``python -m segtrain.stats`` prints for the composed training config ``cfg``."""
     ds, tr = cfg.dataset, cfg.trainer
     class_names = class_names_of(ds)
-    train_set, _ = build_datasets(ds)
+    train_set = dataset_split(ds, ds.train_split)
     num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
-    cache_file = class_stats_cache_file(train_set, ds.num_classes, ds.ignore_index)
+    cache_file = counts_cache_file(train_set, ds.num_classes, ds.ignore_index)
 
-    stats = read_cached_class_stats(train_set, ds.num_classes, ds.ignore_index)
-    if stats is not None:
+    counts = read_cached_counts(train_set, ds.num_classes, ds.ignore_index)
+    if counts is not None:
+        stats = ClassStats.from_counts(counts)
         origin = f"cached: read from {cache_file}, no mask decoded"
     else:
         start = time.perf_counter()
-        stats = compute_class_stats(train_set, ds.num_classes, ds.ignore_index, num_workers=num_workers)
+        stats = ClassStats.from_counts(image_class_counts(train_set, ds.num_classes, ds.ignore_index, num_workers))
         seconds = time.perf_counter() - start
         where = f"saved to {cache_file}" if cache_file.is_file() else f"could not write the cache {cache_file}"
         origin = f"computed over {stats.num_images} masks in {seconds:.2f} s ({num_workers} workers); {where}"
@@ -91,7 +94,7 @@ def class_stats_report(cfg: DictConfig) -> str:
     ])
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _app(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from segtrain.data.stats import ClassStats, compute_class_stats
+from segtrain.data.class_stats import ClassStats, compute_class_stats
+from segtrain.errors import check_choice
 
 __all__ = [
     "ClassStats",
@@ -51,8 +52,7 @@ COUNT = ("pixels", "images")
 
 
 def _check_choice(name: str, value: object, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"weights.{name}={value!r} is not valid; choose one of {list(options)}")
+    check_choice(f"weights.{name}", value, options)
 
 
 def _class_label(c: int, class_names: Sequence[str] | None) -> str:

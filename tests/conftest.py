@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import segtrain  # noqa: F401  (applies the torchvision import fix before any test imports it)
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from segtrain.config import CONFIG_DIR
 
 
 @pytest.fixture(autouse=True)

@@ -1,20 +1,20 @@
-"""Every config file composes through Hydra and instantiates into working objects."""
+"""Every config file composes through Hydra, instantiates into working objects, and every
+experiment trains under ``debug=fast``. (Loss and weights files are run term by term and
+strategy by strategy in test_losses.py and test_weights.py.)"""
 
-from pathlib import Path
+import json
 
-import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segtrain.losses import build_loss
+from segtrain.build import build_data, build_model
+from segtrain.checkpoint import load_checkpoint
+from segtrain.config import CONFIG_DIR
 from segtrain.optim import param_groups
-from segtrain.train import build_datasets, build_model
-from segtrain.weights import ClassStats, compute_class_weights
-
-from conftest import CONFIG_DIR
+from segtrain.train import train
 
 
 def _options(group: str) -> list[str]:
@@ -23,9 +23,8 @@ def _options(group: str) -> list[str]:
 
 def test_every_group_has_its_first_members():
     assert {"unet", "deeplabv3plus"} <= set(_options("model"))
-    assert {"synthetic", "folder"} <= set(_options("dataset"))
+    assert {"synthetic", "folder", "voc", "cityscapes"} <= set(_options("dataset"))
     assert {"ce", "focal", "dice", "ce_dice", "focal_dice"} <= set(_options("loss"))
-    assert {"none", "inverse_freq", "median_freq"} <= set(_options("weights"))
     assert {"adamw", "sgd"} <= set(_options("optimizer"))
     assert {"poly", "cosine", "none"} <= set(_options("scheduler"))
     assert {"default"} <= set(_options("trainer"))
@@ -43,27 +42,6 @@ def test_model_configs_instantiate(compose_cfg, name):
     assert out.shape == (1, cfg.dataset.num_classes, 64, 64)
 
 
-@pytest.mark.parametrize("name", _options("loss"))
-def test_loss_configs_build(compose_cfg, name):
-    cfg = compose_cfg([f"loss={name}"])
-    loss_fn = build_loss(cfg.loss, torch.tensor([0.5, 1.0, 2.0]), num_classes=3, ignore_index=255)
-    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
-    out = loss_fn(logits, torch.randint(0, 3, (2, 8, 8)))
-    out["loss"].backward()
-    assert set(out) == {"loss", *cfg.loss.terms.keys()}
-    assert torch.isfinite(logits.grad).all()
-
-
-@pytest.mark.parametrize("name", _options("weights"))
-def test_weight_configs_compute(compose_cfg, name):
-    overrides = [f"weights={name}"] + (["weights.values=[1.0,2.0,3.0]"] if name == "manual" else [])
-    cfg = compose_cfg(overrides)
-    stats = ClassStats(pixel_count=np.array([70, 20, 10]), image_count=np.array([2, 2, 1]),
-                       present_pixel_count=np.array([100, 100, 50]), total_pixels=100, num_images=2)
-    weights = compute_class_weights(stats, **cfg.weights)
-    assert weights.shape == (3,) and torch.isfinite(weights).all() and (weights > 0).all()
-
-
 @pytest.mark.parametrize("optimizer", _options("optimizer"))
 @pytest.mark.parametrize("scheduler", _options("scheduler"))
 def test_optimizer_and_scheduler_configs_instantiate(compose_cfg, optimizer, scheduler):
@@ -75,21 +53,41 @@ def test_optimizer_and_scheduler_configs_instantiate(compose_cfg, optimizer, sch
 
 
 def test_dataset_configs_build(compose_cfg, tmp_path, fast_overrides):
-    cfg = compose_cfg(fast_overrides)
-    train_set, val_set = build_datasets(cfg.dataset)
-    assert len(train_set) == 8 and len(val_set) == 4
+    data = build_data(compose_cfg(fast_overrides).dataset)
+    assert len(data.train_set) == 8 and len(data.val_set) == 4
+    assert data.train_counts.shape == (8, 3) and data.stats.num_images == 8
     cfg = compose_cfg(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.num_classes=3"])
-    train_set, _ = build_datasets(cfg.dataset)
-    image, mask = train_set[0]
+    image, mask = build_data(cfg.dataset).train_set[0]
     assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
 
 
-def test_debug_and_experiment_configs_apply(compose_cfg):
+def test_debug_config_applies(compose_cfg):
     cfg = compose_cfg(["debug=fast"])
     assert cfg.trainer.device == "cpu" and cfg.trainer.num_workers == 0 and cfg.trainer.max_steps == 2
-    for name in _options("experiment"):
-        cfg = compose_cfg([f"experiment={name}"])
-        OmegaConf.resolve(cfg)  # no dangling interpolation
+    assert cfg.dataset.generate.num_train == 8 and cfg.dataset.root == "data/synthetic_fast"
+    # With another dataset on the command line, debug=fast keeps its trainer settings and nothing
+    # of the synthetic set: no generate section, which would write synthetic files into the folder.
+    cfg = compose_cfg(["debug=fast", "dataset=folder", "dataset.root=/data/mine", "dataset.num_classes=2"])
+    assert cfg.dataset.name == "folder" and "generate" not in cfg.dataset and cfg.trainer.max_steps == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _options("experiment"))
+def test_every_experiment_trains_under_debug_fast(compose_cfg, fast_overrides, tmp_path, name):
+    """Composed, resolved, and trained for debug=fast's two steps, with the experiment's deltas in force."""
+    cfg = compose_cfg([f"experiment={name}", *fast_overrides])
+    OmegaConf.resolve(cfg)  # no dangling interpolation
+    overrides = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml").get("defaults", [])
+    train(cfg, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    saved = OmegaConf.create(ckpt["config"])
+    assert ckpt["train_state"]["step"] == 2
+    for override in overrides:  # e.g. {"override /loss": "focal_dice"}: the run used that option
+        ((key, option),) = override.items()
+        group = key.split("/")[-1]
+        assert saved[group] == OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"), (group, option)
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["steps"] == 2 and "val/dice/spot" in metrics["final"]
 
 
 def test_typos_fail_with_the_valid_options(compose_cfg):

@@ -13,8 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from segtrain.dashboard import custom_layout
 from segtrain.train import train
 from segtrain.visualize import class_palette, confusion_matrix_image, overlay_panel
 
@@ -66,8 +68,16 @@ def test_event_files_hold_per_class_tags_images_and_hparams(run_dir):
     metric_tags = {m.name.tag for m in experiment.experiment.metric_infos}
     assert "hparam/final/val/mDice" in metric_tags and f"hparam/best/val/dice/{NAMES[2]}" in metric_tags
 
-    layout = acc.PluginTagToContent("custom_scalars")
-    assert layout  # one multi-line chart per metric, every class in it
+    # The layout travels as a serialised Layout proto in a string tensor (the plugin data itself is empty).
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    # One multi-line chart per metric, every class in it, in class order; the training loss with its terms.
+    for metric in ("dice", "iou", "precision", "recall"):
+        assert charts[f"{metric} per class"] == [f"val/{metric}/{name}" for name in NAMES]
+    assert charts["train soft dice per class"] == [f"train/soft_dice/{name}" for name in NAMES]
+    assert charts["loss"] == ["train/loss", "val/loss", r"train/loss/.*"]
+    assert {category.title for category in layout.category} == {"per class (val)", "summary"}
     final_dice = acc.Scalars("hparam/final/val/mDice")[-1].value
     assert final_dice == pytest.approx(final["val/mDice"], rel=1e-6)
     texts = acc.Tags()["tensors"]
@@ -131,10 +141,27 @@ def test_overlay_blends_class_colours_at_the_right_pixels():
     assert panel.shape[0] > 4  # the legend strip below
 
 
+def _cell_colours(img: np.ndarray, cell: int, n: int) -> np.ndarray:
+    """The fill colour of each cell, read near its top-left corner (clear of the value drawn at its centre)."""
+    outline = (img == 200).all(axis=-1)  # the cells' outlines are (200, 200, 200)
+    top = int(np.flatnonzero(outline.sum(axis=1) >= n * cell * 0.9)[0])  # the first full grid line
+    left = int(np.flatnonzero(outline[top])[0])
+    return np.array([[img[top + 4 + i * cell, left + 4 + j * cell] for j in range(n)] for i in range(n)])
+
+
 def test_confusion_matrix_image_shades_by_row_share():
     matrix = torch.tensor([[9, 1, 0], [0, 0, 0], [5, 0, 5]])
     img = confusion_matrix_image(matrix, NAMES, cell=40)
     assert img.ndim == 3 and img.shape[2] == 3
-    # The darkest cell is the 0.9 share; an empty row stays white-ish.
-    blue = img[..., 0].astype(int)
-    assert blue.min() < 255 - 200 * 0.85
+    share = np.array([[0.9, 0.1, 0.0], [0.0, 0.0, 0.0], [0.5, 0.0, 0.5]])  # rows normalised; empty row 0
+    shade = (255 - 200 * share).astype(int)
+    expected = np.stack([shade, shade, np.full_like(shade, 255)], axis=-1)
+    assert _cell_colours(img, 40, 3).tolist() == expected.tolist()
+    # Another matrix gives other colours: the picture is a function of the counts.
+    other = _cell_colours(confusion_matrix_image(matrix.T, NAMES, cell=40), 40, 3)
+    assert other.tolist() != expected.tolist()
+
+
+def test_custom_layout_names_every_class():
+    layout = custom_layout(["a", "b"])
+    assert layout["per class (val)"]["iou per class"] == ["Multiline", ["val/iou/a", "val/iou/b"]]

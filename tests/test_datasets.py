@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from segtrain.build import build_data, class_names_of
 from segtrain.data import CityscapesDataset, FolderDataset, VOCDataset, eval_transform, pad_collate, train_transform
 from segtrain.data.cityscapes import CLASS_NAMES as CITYSCAPES_NAMES
 from segtrain.data.cityscapes import LABEL_TO_TRAIN_ID
-from segtrain.data.stats import compute_class_stats
+from segtrain.data.class_stats import compute_class_stats
 from segtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, extra_transform
 from segtrain.data.voc import CLASS_NAMES as VOC_NAMES
-from segtrain.train import build_datasets, class_names_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,13 +186,14 @@ def test_voc_and_cityscapes_configs_build(compose_cfg, tmp_path):
     write_voc(tmp_path / "voc")
     cfg = compose_cfg(["dataset=voc", f"dataset.root={tmp_path / 'voc'}", "dataset.augment.crop_size=8"])
     assert class_names_of(cfg.dataset) == list(VOC_NAMES)
-    train_set, val_set = build_datasets(cfg.dataset)
+    data = build_data(cfg.dataset)
+    train_set, val_set = data.train_set, data.val_set
     assert (len(train_set), len(val_set)) == (2, 1) and train_set[(0, 5)][1].shape == (8, 8)
     write_cityscapes(tmp_path / "cs", "train")
     write_cityscapes(tmp_path / "cs", "val")
     cfg = compose_cfg(["dataset=cityscapes", f"dataset.root={tmp_path / 'cs'}", "dataset.augment.crop_size=[4,8]"])
     assert class_names_of(cfg.dataset) == list(CITYSCAPES_NAMES)
-    train_set, val_set = build_datasets(cfg.dataset)
+    train_set = build_data(cfg.dataset).train_set
     assert train_set.label_mapping == LABEL_TO_TRAIN_ID
     image, mask = train_set[(1, 3)]
     assert image.shape == (3, 4, 8) and set(mask.unique().tolist()) <= {*range(19), 255}
@@ -270,9 +271,8 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path, rare_crop_p):
         write_pair(tmp_path, "train", f"s{i}", image, (image[..., 0] > 127).astype(np.uint8))
     extra = [{"name": "Affine", "rotate": (-20, 20), "p": 0.5}]
     transform = train_transform(hflip=True, vflip=True, scale_range=(0.5, 2.0), crop_size=48, extra=extra,
-                                rare_crop_p=rare_crop_p)
+                                rare_crop_p=rare_crop_p, class_frequency=[0.9, 0.1])
     ds = FolderDataset(tmp_path, "train", 2, transform=transform)
-    ds.set_class_frequencies([0.9, 0.1])
     checked, ignored = 0, 0
     for seed in range(40):
         image, mask = ds[(seed % 3, seed)]

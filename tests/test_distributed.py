@@ -21,7 +21,7 @@ from segtrain.checkpoint import load_checkpoint
 from segtrain.data import ShardSampler
 from segtrain.evaluate import evaluate_checkpoint
 from segtrain.metrics import flatten_metrics
-from segtrain.train import build_model
+from segtrain.build import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -7,24 +7,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
 
-from segtrain.evaluate import evaluate_checkpoint, main
+from segtrain.build import build_model, dataset_split, eval_transform_of
+from segtrain.checkpoint import read_for_inference
+from segtrain.config import compose_config
+from segtrain.evaluate import evaluate_checkpoint, evaluation_config, main
 from segtrain.metrics import flatten_metrics
 from segtrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+# Not the defaults (ce_dice, median_freq), so that what an override keeps can be told apart.
+TRAINED_WITH = ["loss=focal_dice", "weights=inverse_freq", "model.decoder_channels=[64,32,16,16,8]"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    overrides = ["debug=fast", f"dataset.root={tmp / 'data'}", "trainer.max_steps=4", "trainer.epochs=1"]
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    overrides = ["debug=fast", f"dataset.root={tmp / 'data'}", "trainer.max_steps=4", "trainer.epochs=1",
+                 *TRAINED_WITH]
+    cfg = compose_config(overrides)
+    # As if configs/loss/focal_dice.yaml had said gamma 1.5 when this run was trained: a value that
+    # only the checkpoint's own config holds, not a fresh composition of its command line.
+    cfg.loss.terms.focal.gamma = 1.5
     train(cfg, tmp / "run", overrides=overrides)
     return tmp
 
@@ -38,20 +44,54 @@ def test_checkpoint_scores_exactly_what_the_run_reported(trained):
     flat = flatten_metrics(metrics, names, "val")
     final = json.loads((trained / "run/metrics.json").read_text())["final"]
     assert flat.keys() == final.keys()
+    assert not math.isnan(final["val/mIoU"]) and not math.isnan(final["val/loss"])
     assert all(_same(flat[k], final[k]) for k in final if k != "val/loss")
     assert flat["val/loss"] == pytest.approx(final["val/loss"], rel=1e-6)
 
 
 def test_overrides_replace_only_what_they_name(trained):
-    on_train, _ = evaluate_checkpoint(trained / "run/checkpoints/last.pt", ["dataset.split=train"])
-    on_val, _ = evaluate_checkpoint(trained / "run/checkpoints/last.pt")
-    assert on_train["mIoU"] != on_val["mIoU"]  # 8 train images, not the 4 val ones
-    # A group override swaps the dataset but keeps the trained model.
-    folder, names = evaluate_checkpoint(
-        trained / "run/checkpoints/last.pt",
-        ["dataset=folder", f"dataset.root={trained / 'data'}", "dataset.num_classes=3"])
+    ckpt = trained / "run/checkpoints/last.pt"
+    saved = read_for_inference(ckpt)
+    _, cfg = evaluation_config(ckpt, ["dataset=folder", f"dataset.root={trained / 'data'}", "dataset.num_classes=3"])
+    assert cfg.dataset.name == "folder" and cfg.dataset.class_names is None
+    for kept in ("model", "loss", "weights", "optimizer", "trainer"):  # as trained, not the defaults
+        assert cfg[kept] == saved.config[kept], kept
+    assert list(cfg.loss.terms) == ["focal", "dice"] and cfg.weights.strategy == "inverse_freq"
+    assert cfg.loss.terms.focal.gamma == 1.5  # from the checkpoint, not from today's config files
+    assert list(cfg.model.decoder_channels) == [64, 32, 16, 16, 8]
+
+    on_val, _ = evaluate_checkpoint(ckpt)
+    on_train, _ = evaluate_checkpoint(ckpt, ["dataset.split=train"])
+    assert math.isfinite(on_train["loss"]) and math.isfinite(on_val["loss"])
+    assert on_train["loss"] != on_val["loss"]  # 8 train images, not the 4 val ones
+    # A group override swaps the dataset but keeps the trained model: the same images, the same numbers.
+    folder, names = evaluate_checkpoint(ckpt, ["dataset=folder", f"dataset.root={trained / 'data'}",
+                                               "dataset.num_classes=3"])
     assert names == ["class_0", "class_1", "class_2"]
-    assert folder["mIoU"] == on_val["mIoU"]
+    assert folder["loss"] == pytest.approx(on_val["loss"], rel=1e-6)
+    flat_val, flat_folder = flatten_metrics(on_val, [0, 1, 2]), flatten_metrics(folder, [0, 1, 2])
+    assert all(_same(flat_folder[k], flat_val[k]) for k in flat_val if k != "val/loss")
+
+
+def test_val_resize_scores_logits_resized_back_to_the_mask(trained):
+    """dataset.val_resize=<int>: the image is resized, the logits are interpolated back to the mask."""
+    ckpt = trained / "run/checkpoints/last.pt"
+    metrics, _ = evaluate_checkpoint(ckpt, ["dataset.val_resize=40"])
+    saved, cfg = evaluation_config(ckpt, ["dataset.val_resize=40"])
+    model = build_model(cfg.model)
+    model.load_state_dict(saved.weights)
+    model.eval()
+    split = dataset_split(cfg.dataset, "val", eval_transform_of(cfg.dataset))
+    oracle = MulticlassJaccardIndex(3, average="macro", ignore_index=255)
+    with torch.no_grad():
+        for i in range(len(split)):
+            image, mask = split[i]
+            assert image.shape[-2:] == (40, 40) and mask.shape == (64, 64)
+            logits = torch.nn.functional.interpolate(model(image[None]), size=(64, 64), mode="bilinear")
+            oracle.update(logits.argmax(1), mask[None])
+    assert metrics["mIoU"] == pytest.approx(oracle.compute().item(), rel=1e-6)
+    plain, _ = evaluate_checkpoint(ckpt)
+    assert metrics["mIoU"] != plain["mIoU"]  # scored on other logits than the full-size run
 
 
 def test_cli_prints_the_per_class_table(trained):
@@ -66,8 +106,11 @@ def test_cli_prints_the_per_class_table(trained):
     assert printed["val/mIoU"] == final["val/mIoU"]
 
 
-def test_cli_usage_and_missing_checkpoint(tmp_path, capsys):
+def test_cli_usage_missing_and_foreign_checkpoint(tmp_path, capsys):
     assert main([]) == 2
     assert "checkpoint=<path" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint not found"):
         main([f"checkpoint={tmp_path / 'nope.pt'}"])
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt: not a segtrain checkpoint \(no model, config, class_names\)"):
+        main([f"checkpoint={tmp_path / 'other.pt'}"])

@@ -5,7 +5,6 @@ a connected 0, saturated logits stay finite (fp32 and bf16 autocast), and optimi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import segtrain  # noqa: F401  (makes torchvision importable beside the CPU torch build)
+from segtrain.config import CONFIG_DIR
 from segtrain.losses import (
     BinaryCrossEntropyLoss,
     BinaryDiceLoss,
@@ -21,6 +21,7 @@ from segtrain.losses import (
     CompositeLoss,
     CrossEntropyLoss,
     DiceLoss,
+    FocalDiceLoss,
     FocalLoss,
     GeneralizedDiceLoss,
     LovaszSoftmaxLoss,
@@ -32,7 +33,7 @@ from segtrain.losses import (
 IGNORE = 255
 NUM_CLASSES = 4
 WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.0])
-LOSS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = sorted((CONFIG_DIR / "loss").glob("*.yaml"))
 
 
 def multiclass_batch(seed: int = 0, n: int = 2, h: int = 6, w: int = 5, scale: float = 2.0):
@@ -449,9 +450,9 @@ def test_composite_returns_weighted_sum_and_detached_terms():
 
 
 def test_build_loss_routes_class_weights_and_ignore_index():
-    cfg = {"terms": {"ce": {"weight": 1.0}, "focal": {"weight": 0.5, "gamma": 1.0}, "dice": None,
-                     "ohem": {"use_class_weights": False, "min_kept": 5}, "gdice": {"weight": 0.1},
-                     "lovasz": {"weight": 0.2}, "tversky": {"alpha": 0.4}}}
+    cfg = {"terms": {"ce": {"loss_weight": 1.0}, "focal": {"loss_weight": 0.5, "gamma": 1.0}, "dice": None,
+                     "ohem": {"use_class_weights": False, "min_kept": 5}, "gdice": {"loss_weight": 0.1},
+                     "lovasz": {"loss_weight": 0.2}, "tversky": {"alpha": 0.4}}}
     loss = build_loss(OmegaConf.create(cfg), WEIGHTS, num_classes=NUM_CLASSES, ignore_index=7)
     terms = loss.terms
     for name in ("ce", "focal", "dice"):
@@ -460,35 +461,36 @@ def test_build_loss_routes_class_weights_and_ignore_index():
     assert terms["ohem"].weight is None and terms["ohem"].min_kept == 5
     assert terms["focal"].gamma == 1.0 and terms["tversky"].alpha == 0.4
     assert all(module.ignore_index == 7 for module in terms.values())
-    assert loss.weights == {"ce": 1.0, "focal": 0.5, "dice": 1.0, "ohem": 1.0, "gdice": 0.1, "lovasz": 0.2,
-                            "tversky": 1.0}
+    assert loss.loss_weights == {"ce": 1.0, "focal": 0.5, "dice": 1.0, "ohem": 1.0, "gdice": 0.1, "lovasz": 0.2,
+                                 "tversky": 1.0}
     logits, target = multiclass_batch()
     out = loss.double()(logits, target.masked_fill(target == IGNORE, 7))  # a cast module still computes in float32
     assert out["loss"].dtype == torch.float32
-    torch.testing.assert_close(out["loss"], sum(w * out[name] for name, w in loss.weights.items()))
+    torch.testing.assert_close(out["loss"], sum(w * out[name] for name, w in loss.loss_weights.items()))
 
 
 def test_build_loss_binary_mode_picks_sigmoid_terms():
-    loss = build_loss({"terms": {"ce": {}, "focal": {"gamma": 1.0, "alpha": 0.5}, "dice": {"weight": 2.0}}},
+    loss = build_loss({"terms": {"ce": {}, "focal": {"gamma": 1.0, "alpha": 0.5}, "dice": {"loss_weight": 2.0}}},
                       torch.ones(1), num_classes=1)
     assert isinstance(loss.terms["ce"], BinaryCrossEntropyLoss)
     assert isinstance(loss.terms["focal"], BinaryFocalLoss) and loss.terms["focal"].alpha == 0.5
     assert isinstance(loss.terms["dice"], BinaryDiceLoss) and loss.terms["dice"].ignore_index == IGNORE
     logits, target = binary_batch()
     assert torch.isfinite(loss(logits, target)["loss"])
-    with pytest.raises(ValueError, match="binary.*'lovasz'.*valid terms: binary_focal, ce, dice, focal"):
+    with pytest.raises(ValueError, match=r"loss.terms='lovasz' is not a binary \(num_classes=1\) loss term; valid: binary_focal, ce, dice, focal$"):
         build_loss({"terms": {"lovasz": {}}}, num_classes=1)
 
 
 @pytest.mark.parametrize("cfg,kwargs,message", [
-    ({"terms": {"focl": {"weight": 1.0}}}, {}, r"unknown multiclass loss term 'focl'; valid terms: binary_focal, ce,"),
+    ({"terms": {"focl": {"loss_weight": 1.0}}}, {}, r"loss.terms='focl' is not a multiclass loss term; valid: binary_focal, ce,"),
     ({"terms": {"focal": {"gama": 2.0}}}, {}, r"loss term 'focal' \(FocalLoss\): unknown option 'gama'; valid.*gamma"),
     ({"terms": {"ce": {"ignore_index": 0}}}, {}, r"'ce'.*unknown option 'ignore_index'"),
     ({"terms": {"ce": {}}}, {"class_weights": WEIGHTS, "num_classes": 3}, r"class_weights has 4 entries .* is 3"),
     ({"terms": {}}, {}, r"'terms' must be a non-empty mapping"),
     ({"terms": {"ce": {}}, "extra": 1}, {}, r"unknown key\(s\) \['extra'\]"),
-    ({"terms": {"focal": {"normalize": "mean"}}}, {}, r"normalize='mean' is not valid; choose one of 'weights', 'pix"),
-    ({"terms": {"ce": {"weight": -1.0}}}, {}, r"'ce': weight must be finite and >= 0"),
+    ({"terms": {"focal": {"normalize": "mean"}}}, {}, r"normalize='mean'; valid: weights, pixels$"),
+    ({"terms": {"ce": {"loss_weight": -1.0}}}, {}, r"'ce': loss_weight must be finite and >= 0"),
+    ({"terms": {"ce": {"loss_weight": 1.0, "weight": 2.0}}}, {}, r"'ce': both loss_weight and its old name weight"),
 ])
 def test_build_loss_errors_name_the_problem(cfg, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -503,13 +505,18 @@ def test_every_loss_config_builds_and_runs(path):
     assert set(out) == {"loss", *cfg.terms} and torch.isfinite(out["loss"])
     binary_logits, binary_target = binary_batch()
     assert torch.isfinite(build_loss(cfg, num_classes=1)(binary_logits, binary_target)["loss"])
-    # A term added from the command line with only a weight: loss=... +loss.terms.lovasz.weight=0.5
-    extended = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["terms.lovasz.weight=0.5"]))
-    assert build_loss(extended, WEIGHTS, num_classes=NUM_CLASSES).weights["lovasz"] == 0.5
+    # A term added from the command line with only a multiplier: loss=... +loss.terms.lovasz.loss_weight=0.5
+    extended = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["terms.lovasz.loss_weight=0.5"]))
+    assert build_loss(extended, WEIGHTS, num_classes=NUM_CLASSES).loss_weights["lovasz"] == 0.5
 
 
-def test_loss_config_files_exist():
-    assert {p.stem for p in LOSS_CONFIGS} >= {"ce", "focal", "dice", "ce_dice", "focal_dice"}
+def test_old_weight_key_still_works_with_a_deprecation_warning():
+    logits, target = multiclass_batch()
+    new = build_loss({"terms": {"ce": {"loss_weight": 0.3}, "dice": {}}}, WEIGHTS, num_classes=NUM_CLASSES)
+    with pytest.warns(FutureWarning, match=r"loss.terms.ce.weight is deprecated.*loss.terms.ce.loss_weight"):
+        old = build_loss({"terms": {"ce": {"weight": 0.3}, "dice": {}}}, WEIGHTS, num_classes=NUM_CLASSES)
+    assert old.loss_weights == new.loss_weights == {"ce": 0.3, "dice": 1.0}
+    torch.testing.assert_close(old(logits, target)["loss"], new(logits, target)["loss"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +654,7 @@ def test_fused_pair_supports_retain_graph():
 
 
 def test_fused_pair_is_used_only_where_it_is_exact():
-    from segtrain.losses.composite import fusable_pair
+    from segtrain.losses.fused import fusable_pair
 
     assert fusable_pair(CompositeLoss(FUSED_PAIRS["with_a_third_term"]()).terms) == ("focal", "dice")
     not_fused = [
@@ -660,23 +667,34 @@ def test_fused_pair_is_used_only_where_it_is_exact():
     logits, target = multiclass_batch()
     target = target.masked_fill(target == IGNORE, 1)  # a valid class for the term that ignores 0 instead
     for terms in not_fused:
-        assert fusable_pair(CompositeLoss(terms).terms) is None
+        assert fusable_pair(CompositeLoss(terms).terms) is None and CompositeLoss(terms).fused is None
         out = CompositeLoss(terms)(logits.clone().requires_grad_(True), target)
         assert not uses_fused_path(out["loss"])
-    # Options changed after construction are seen on the next call.
-    loss = CompositeLoss(FUSED_PAIRS["focal_dice_weighted"]())
-    loss.terms["dice"].squared = True
-    assert not uses_fused_path(loss(logits.clone().requires_grad_(True), target)["loss"])
+
+
+def test_composite_built_by_hand_fuses_once_and_reads_the_terms_options():
+    """A CompositeLoss of FocalLoss + DiceLoss fuses by default; the decision is made when it is built,
+    and the fused term reads its modules' options at every call."""
+    logits, target = multiclass_batch(3)
+    loss = CompositeLoss({"focal": (FocalLoss(2.0, WEIGHTS), 1.0), "dice": (DiceLoss(), 0.5)})
+    assert loss.fused == ("focal", "dice")
+    assert uses_fused_path(loss(logits.clone().requires_grad_(True), target)["loss"])
+    loss.terms["focal"].gamma = 0.5
+    changed = loss(logits, target)
+    apart = CompositeLoss({"focal": (FocalLoss(0.5, WEIGHTS), 1.0), "dice": (DiceLoss(), 0.5)}, fuse=False)
+    torch.testing.assert_close(changed["focal"], apart(logits, target)["focal"], rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        FocalDiceLoss(FocalLoss(), DiceLoss(squared=True))
 
 
 @pytest.mark.parametrize("name", ["focal_dice", "ce_dice"])
 def test_loss_config_with_class_weights_takes_fused_path(name):
     """As training builds it: build_loss(config, class_weights) fuses, and equals its terms apart."""
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "loss" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "loss" / f"{name}.yaml")
     loss_fn = build_loss(cfg, WEIGHTS, num_classes=NUM_CLASSES)
     logits, target = multiclass_batch(5, n=2, h=16, w=12)
     assert uses_fused_path(loss_fn(logits.clone().requires_grad_(True), target)["loss"])
-    terms = {term: (module, loss_fn.weights[term]) for term, module in loss_fn.terms.items()}
+    terms = {term: (module, loss_fn.loss_weights[term]) for term, module in loss_fn.terms.items()}
     assert_same_as_terms_apart(lambda: terms, logits, target)
 
 

@@ -31,9 +31,9 @@ def test_per_class_values_match_scikit_learn():
     j = jaccard_score(y_true, y_pred, labels=labels, average=None)
     np.testing.assert_allclose(out["precision"][:3].numpy(), p, rtol=1e-12)
     np.testing.assert_allclose(out["recall"][:3].numpy(), r, rtol=1e-12)
-    np.testing.assert_allclose(out["f1"][:3].numpy(), f, rtol=1e-12)
+    np.testing.assert_allclose(out["dice"][:3].numpy(), f, rtol=1e-12)
     np.testing.assert_allclose(out["iou"][:3].numpy(), j, rtol=1e-12)
-    assert all(math.isnan(out[k][3].item()) for k in ("iou", "f1", "precision", "recall"))
+    assert all(math.isnan(out[k][3].item()) for k in ("iou", "dice", "precision", "recall"))
     assert out["mIoU"] == pytest.approx(j.mean(), rel=1e-12)
     assert out["mDice"] == pytest.approx(f.mean(), rel=1e-12)
     assert out["pixel_acc"] == pytest.approx((y_true == y_pred).mean(), rel=1e-12)
@@ -47,7 +47,7 @@ def test_hand_computed_case_and_labels_input():
     assert cm.matrix.tolist() == [[1, 1], [0, 2]]
     out = cm.compute()
     assert out["iou"].tolist() == pytest.approx([1 / 2, 2 / 3])
-    assert out["f1"].tolist() == pytest.approx([2 / 3, 4 / 5])
+    assert out["dice"].tolist() == pytest.approx([2 / 3, 4 / 5])
     assert out["precision"].tolist() == pytest.approx([1.0, 2 / 3])
     assert out["recall"].tolist() == pytest.approx([1 / 2, 1.0])
 
@@ -88,7 +88,7 @@ def test_per_class_and_macro_values_match_torchmetrics():
         cm.update(logits[i : i + 1], target[i : i + 1])
     out = cm.compute()
     preds = logits.argmax(1)
-    oracles = {"iou": MulticlassJaccardIndex, "f1": MulticlassF1Score, "precision": MulticlassPrecision,
+    oracles = {"iou": MulticlassJaccardIndex, "dice": MulticlassF1Score, "precision": MulticlassPrecision,
                "recall": MulticlassRecall}
     for key, cls in oracles.items():
         per_class = cls(4, average=None, ignore_index=255)(preds, target).double()

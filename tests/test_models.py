@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from segtrain.models import ENCODERS, DeepLabV3Plus, UNet, build_encoder, encoders_supporting
 from segtrain.models.blocks import batchnorm_layers
-from segtrain.train import build_model
 
 import torchvision  # noqa: E402, I001  (after segtrain: its import shim must run first)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 SMALL_DECODER = (32, 16, 16, 8, 8)
 
 # (id, model class, kwargs): the architecture x encoder grid every check runs on.
@@ -114,7 +111,7 @@ def test_freeze_bn_keeps_running_stats():
 
 
 def test_unknown_encoder_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown encoder 'resnet19'.*resnet18.*convnext_tiny"):
+    with pytest.raises(ValueError, match=r"encoder='resnet19' is unknown; valid: .*resnet18.*convnext_tiny"):
         UNet(num_classes=3, encoder="resnet19")
 
 
@@ -243,13 +240,3 @@ def test_imagenet_weights_offline_error_says_where_to_put_file(offline_hub):
     assert file_name in message
     assert str(offline_hub / "checkpoints") in message
     assert "encoder_weights=null" in message
-
-
-@pytest.mark.parametrize("name", ["unet", "deeplabv3plus"])
-def test_model_config_instantiates(name):
-    cfg = OmegaConf.create({"dataset": {"num_classes": 3}})
-    cfg.model = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from segtrain.build import build_data, build_loaders
 from segtrain.data import EpochSampler, FolderDataset, train_transform
-from segtrain.data.sampling import class_repeat_factors, image_class_counts, image_repeat_factors
-from segtrain.train import build_datasets, build_loaders
+from segtrain.data.class_stats import ClassStats
+from segtrain.data.repeat_factors import class_repeat_factors, image_repeat_factors
+from segtrain.data.scan import image_class_counts
 
 RARE = 2
 
@@ -32,13 +34,13 @@ def write_rare_dataset(root: Path, count: int = 4, size: int = 96) -> None:
 
 
 def rare_dataset(root: Path, rare_crop_p: float = 0.0, cat_max_ratio: float | None = None) -> FolderDataset:
-    transform = train_transform(crop_size=24, hflip=True, rare_crop_p=rare_crop_p, cat_max_ratio=cat_max_ratio)
-    ds = FolderDataset(root, "train", 3, transform=transform)
+    ds = FolderDataset(root, "train", 3)
     freq = np.zeros(3)
     for i in range(len(ds)):
         mask = ds.load_mask(i)
         freq += np.bincount(mask[mask != 255], minlength=3)
-    ds.set_class_frequencies(freq / freq.sum())
+    ds.transform = train_transform(crop_size=24, hflip=True, rare_crop_p=rare_crop_p, cat_max_ratio=cat_max_ratio,
+                                   class_frequency=freq / freq.sum())
     return ds
 
 
@@ -86,14 +88,15 @@ def test_cat_max_ratio_rejects_single_class_crops(tmp_path):
     assert plain < 0.35 and rejecting > plain + 0.3, (plain, rejecting)
 
 
-def test_rare_cropping_without_frequencies_says_what_to_call(tmp_path):
+def test_rare_cropping_needs_the_frequencies_when_built(tmp_path):
+    with pytest.raises(ValueError, match=r"rare_crop_p > 0 needs the class frequencies .*when the transform is built"):
+        train_transform(crop_size=24, rare_crop_p=1.0)
+    with pytest.raises(ValueError, match="class frequencies must be a 1-D array"):
+        train_transform(crop_size=24, rare_crop_p=1.0, class_frequency=[0.5, -0.1])
     write_rare_dataset(tmp_path, count=1)
-    ds = FolderDataset(tmp_path, "train", 3, transform=train_transform(crop_size=24, rare_crop_p=1.0))
-    assert ds.needs_class_frequencies
-    with pytest.raises(RuntimeError, match=r"set_class_frequencies\(stats.frequency\)"):
-        ds[(0, 1)]
-    ds.set_class_frequencies([0.6, 0.39, 0.01])
-    assert not ds.needs_class_frequencies and ds[(0, 1)][1].shape == (24, 24)
+    ds = FolderDataset(tmp_path, "train", 3,
+                       transform=train_transform(crop_size=24, rare_crop_p=1.0, class_frequency=[0.6, 0.39, 0.01]))
+    assert ds[(0, 1)][1].shape == (24, 24)
 
 
 # ---------------------------------------------------------------- repeat factors
@@ -175,27 +178,31 @@ class CountingMasks:
         return np.asarray(Image.open(self.mask_paths[index]))
 
 
-def test_image_class_counts_are_cached_beside_the_class_stats(tmp_path):
+def test_image_class_counts_are_computed_once_and_cached(tmp_path):
     write_rare_dataset(tmp_path, count=3, size=24)
     source = CountingMasks(tmp_path)
     counts = image_class_counts(source, 3)
     assert counts.shape == (3, 3) and (counts[:, RARE] == 36).all() and source.loads == 3
     assert counts.sum() == 3 * (24 * 24 - 24)  # first row is ignore
     assert np.array_equal(image_class_counts(source, 3), counts) and source.loads == 3
-    assert list((tmp_path / ".segtrain").glob("image_class_counts-*.npy"))
+    assert len(list((tmp_path / ".segtrain").glob("class_counts-*.npz"))) == 1
+    stats = ClassStats.from_counts(counts)  # the class statistics derive from the same matrix
+    assert stats.pixel_count.tolist() == counts.sum(0).tolist() and stats.image_count.tolist() == [3, 3, 3]
 
 
 def test_build_loaders_wires_repeat_factors_and_rare_crops(compose_cfg, fast_overrides):
     # A threshold above 1 repeats every image at least sqrt(t) times: 8 images give ~16 draws.
     cfg = compose_cfg(fast_overrides + ["dataset.sampling.repeat_thresh=4.0", "dataset.augment.crop_size=32",
                                         "dataset.sampling.rare_crop_p=0.5"])
-    train_set, val_set = build_datasets(cfg.dataset)
-    assert train_set.needs_class_frequencies
-    train_loader, _, steps = build_loaders(train_set, val_set, cfg, torch.device("cpu"))
-    assert not train_set.needs_class_frequencies  # read from the (cached) class statistics
+    data = build_data(cfg.dataset)
+    crop = next(t for t in data.train_set.transform.transforms if hasattr(t, "draw_weights"))
+    # Rare-class cropping draws classes by 1 / (pixel share) of the training split's statistics.
+    np.testing.assert_allclose(crop.draw_weights, 1 / data.stats.frequency)
+    train_loader, _, steps = build_loaders(data, cfg, torch.device("cpu"))
     sampler = train_loader.sampler
+    np.testing.assert_allclose(sampler.repeat_factors.numpy(), image_repeat_factors(data.train_counts > 0, 4.0))
     assert sampler.repeat_factors is not None and (sampler.repeat_factors >= 1).all()
     expected = math.floor(sampler.repeat_factors.sum().item())
-    assert steps == (expected - expected % 2) // 2 and steps >= len(train_set)
+    assert steps == (expected - expected % 2) // 2 and steps >= len(data.train_set)
     images, masks = next(iter(train_loader))
     assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 32, 32)

@@ -17,9 +17,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segtrain.data.stats import class_stats_cache_file, compute_class_stats
+from segtrain.build import dataset_split
+from segtrain.data.class_stats import compute_class_stats
+from segtrain.data.scan import counts_cache_file
 from segtrain.stats import _with_no_run_dir
-from segtrain.train import build_datasets
 from segtrain.weights import STRATEGIES, compute_class_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +84,13 @@ def test_table_matches_a_direct_computation_and_second_run_hits_the_cache(tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
 
     cfg = compose_cfg(overrides)
-    train_set, _ = build_datasets(cfg.dataset)
+    train_set = dataset_split(cfg.dataset, "train")
     stats = compute_class_stats(train_set, cfg.dataset.num_classes, cfg.dataset.ignore_index, cache=False)
     names = list(cfg.dataset.class_names)
     used = compute_class_weights(stats, class_names=names, **cfg.weights).numpy()
     assert cfg.weights.strategy == "median_freq"
     _assert_table_matches(first.stdout, stats, names, "median_freq", used)
-    cache_file = class_stats_cache_file(train_set, cfg.dataset.num_classes, cfg.dataset.ignore_index)
+    cache_file = counts_cache_file(train_set, cfg.dataset.num_classes, cfg.dataset.ignore_index)
     assert cache_file.is_file()
     assert "computed over 8 masks" in first.stdout and str(cache_file) in first.stdout
     assert "cached" not in first.stdout

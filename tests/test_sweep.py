@@ -54,7 +54,7 @@ def _value(cell: str) -> str:
 
 
 def _metric_key(header: str) -> str:
-    return {"mDice": "val/mDice", "mIoU": "val/mIoU"}.get(header) or "val/dice/" + header.removeprefix("F1 ")
+    return {"mDice": "val/mDice", "mIoU": "val/mIoU"}.get(header) or "val/dice/" + header.removeprefix("Dice ")
 
 
 def _check_bold_is_best(header: list[str], rows: list[list[str]], first_metric: int) -> None:
@@ -109,7 +109,7 @@ def test_report_rows_match_the_runs_metrics(sweep_dir):
     header, rows = _table(text)
     assert header[:3] == ["run", "loss", "weights"]  # only the overrides that vary are columns
     assert "debug" not in header and "`debug=fast`" in text  # common ones are listed above the table
-    assert header[3:] == ["mDice", "mIoU", "F1 background", "F1 region", "F1 spot"]
+    assert header[3:] == ["mDice", "mIoU", "Dice background", "Dice region", "Dice spot"]
     assert len(rows) == 4
     for row in rows:
         run = sweep_dir / row[0]
@@ -184,11 +184,11 @@ def test_bold_marks_the_best_ties_and_lowest_loss(tmp_path):
     _fake_run(tmp_path, 2, ["lr=0.3", "seed=1"], _metrics(0.7, 0.7, loss=0.4))
     text, _ = sweep_report.report(tmp_path, extra=["val/loss"])
     header, rows = _table(text)
-    assert header == ["run", "lr", "mDice", "mIoU", "F1 bg", "F1 rare", "F1 mid", "val/loss"]
+    assert header == ["run", "lr", "mDice", "mIoU", "Dice bg", "Dice rare", "Dice mid", "val/loss"]
     assert "`seed=1`" in text
     bold = {h: [row[0] for row in rows if _is_bold(row[i])] for i, h in enumerate(header)}
-    assert bold["mDice"] == ["0", "1"] and bold["F1 rare"] == ["1", "2"]
-    assert bold["F1 bg"] == [] and bold["F1 mid"] == []  # all equal, or nan: nothing stands out
+    assert bold["mDice"] == ["0", "1"] and bold["Dice rare"] == ["1", "2"]
+    assert bold["Dice bg"] == [] and bold["Dice mid"] == []  # all equal, or nan: nothing stands out
     assert bold["val/loss"] == ["1"]
     assert rows[0][5] == "0.5000" and rows[0][6] == "nan"
     with pytest.raises(SystemExit, match=r"--extra val/lss: not in the 'final' metrics of any run; valid: .*val/loss"):
@@ -271,7 +271,7 @@ def test_optuna_config_composes():
     assert sweeper.direction == "maximize" and cfg.trainer.monitor == "val/mDice" and cfg.trainer.monitor_mode == "max"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
     assert sweeper.n_trials == 20
-    assert set(sweeper.params) == {"loss.terms.focal.gamma", "loss.terms.dice.weight", "optimizer.lr"}
+    assert set(sweeper.params) == {"loss.terms.focal.gamma", "loss.terms.dice.loss_weight", "optimizer.lr"}
     assert set(cfg.loss.terms) == {"focal", "dice"}
 
 
@@ -287,6 +287,6 @@ def test_optuna_runs_two_trials(tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     scores = [json.loads((sweep / str(n) / "metrics.json").read_text())["best"]["val/mDice"] for n in range(2)]
     assert result["best_value"] == pytest.approx(max(scores))
-    assert set(result["best_params"]) == {"loss.terms.focal.gamma", "loss.terms.dice.weight", "optimizer.lr"}
+    assert set(result["best_params"]) == {"loss.terms.focal.gamma", "loss.terms.dice.loss_weight", "optimizer.lr"}
     header, rows = _table(_report_cli(sweep).stdout)
     assert len(rows) == 2 and "optimizer.lr" in header

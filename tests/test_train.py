@@ -6,14 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segtrain.checkpoint import load_checkpoint
-from segtrain.engine import FitOptions, Runtime, TrainState, train_one_epoch
+from segtrain.build import build_data, build_model, resolve_amp
+from segtrain.checkpoint import TrainState, load_checkpoint
+from segtrain.distributed import device_for, parameters_digest
+from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
-from segtrain.train import build_datasets, build_model, train
+from segtrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +52,7 @@ def test_two_step_run_writes_the_run_directory(tmp_path):
     assert metrics["steps"] == 2 and len(metrics["class_weights"]) == 3
     assert metrics["weights_strategy"] == "median_freq"
     assert set(metrics["final"]) >= {"val/mIoU", "val/mDice", "val/iou/spot", "val/dice/region", "val/loss"}
+    assert not any("/acc/" in key or "/f1/" in key for key in metrics["final"])  # one name per ratio
     assert metrics["best"]["step"] == 2 and metrics["images_per_s"] > 0 and metrics["wall_time_s"] > 0
     assert "spot" in (run_dir / "train.log").read_text()  # the per-class table went to the log
     ckpt = load_checkpoint(run_dir / "checkpoints/last.pt")
@@ -73,21 +78,24 @@ def test_cli_typo_lists_the_valid_options(tmp_path):
     assert not (ROOT / "outputs" / "focal_dcie").exists()
 
 
+def _parts(model: torch.nn.Module, lr: float, sgd: bool = False) -> TrainParts:
+    optimizer = (torch.optim.SGD if sgd else torch.optim.AdamW)(model.parameters(), lr=lr)
+    return TrainParts(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                      torch.amp.GradScaler("cpu", enabled=False))
+
+
 def test_loss_decreases_on_a_fixed_batch(compose_cfg, fast_overrides):
     cfg = compose_cfg(fast_overrides)
-    train_set, _ = build_datasets(cfg.dataset)
+    train_set = build_data(cfg.dataset).train_set
     images, masks = map(torch.stack, zip(*(train_set[(i, i)] for i in range(4))))
     model = build_model(cfg.model)
     loss_fn = build_loss(cfg.loss, None, num_classes=3, ignore_index=255)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     opts = FitOptions(epochs=1, steps_per_epoch=30, batch_size=4, class_names=["a", "b", "c"], log_every=30,
                       progress=False)
     with torch.no_grad():  # train-mode forward: batch statistics, as the optimised loss sees them
         before = loss_fn(model(images), masks)["loss"].item()
-    train_one_epoch(model, itertools.repeat((images, masks)), loss_fn, optimizer, scheduler, scaler,
-                    Runtime(torch.device("cpu")), TrainState(), opts)
+    train_one_epoch(_parts(model, 3e-3), itertools.repeat((images, masks)), loss_fn, Runtime(torch.device("cpu")),
+                    TrainState(), opts)
     with torch.no_grad():
         after = loss_fn(model(images), masks)["loss"].item()
     assert after < 0.5 * before, (before, after)
@@ -131,38 +139,45 @@ def test_gradient_accumulation_matches_one_large_batch():
     # update as one batch of 4 (every pixel valid, so each micro-batch's mean has equal weight).
     g = torch.Generator().manual_seed(0)
     images, masks = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4, 6, 6), generator=g)
-    loss_fn = build_loss({"terms": {"ce": {"weight": 1.0}}}, None, num_classes=3)
+    loss_fn = build_loss({"terms": {"ce": {}}}, None, num_classes=3)
+    torch.manual_seed(0)
+    initial = torch.nn.Conv2d(3, 3, 3, padding=1).weight.detach().clone()
     results = []
     for batch, accum in ((4, 1), (2, 2)):
         torch.manual_seed(0)
         model = torch.nn.Conv2d(3, 3, 3, padding=1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        assert torch.equal(model.weight, initial)
         batches = [(images[i : i + batch], masks[i : i + batch]) for i in range(0, 4, batch)]
         opts = FitOptions(epochs=1, steps_per_epoch=1, batch_size=batch, class_names=["a", "b", "c"],
                           grad_accum=accum, progress=False)
         state = TrainState()
-        train_one_epoch(model, iter(batches), loss_fn, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                        Runtime(torch.device("cpu")), state, opts)
+        train_one_epoch(_parts(model, 0.5, sgd=True), iter(batches), loss_fn, Runtime(torch.device("cpu")), state,
+                        opts)
         assert state.step == 1 and state.images_seen == 4
         results.append(model.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(results[0], torch.nn.Conv2d(3, 3, 3, padding=1).weight)
+    # The step did move the weights: by far more than the tolerance above.
+    assert (results[0] - initial).abs().max() > 1e-2
 
 
-def test_amp_and_device_choices_are_checked():
-    from segtrain.train import resolve_amp, resolve_device, resolve_num_workers
-
-    cpu = torch.device("cpu")
-    assert resolve_amp("none", cpu) is None and resolve_amp("bf16", cpu) is torch.bfloat16
-    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    assert resolve_amp("auto", cpu) is expected
+@pytest.mark.parametrize("cuda_bf16", [True, False])
+def test_amp_auto_follows_the_hardware(monkeypatch, cuda_bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert resolve_amp("auto", torch.device("cuda")) is (torch.bfloat16 if cuda_bf16 else torch.float16)
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_amp("auto", torch.device("cpu")) is expected
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("none", None)):
+        assert resolve_amp(name, torch.device("cpu")) is dtype and resolve_amp(name, torch.device("cuda")) is dtype
     with pytest.raises(ValueError, match=r"trainer.amp='bf61'; valid: auto, bf16, fp16, none"):
-        resolve_amp("bf61", cpu)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="trainer.device='cuda' but CUDA is not available"):
-            resolve_device("cuda")
-    assert resolve_num_workers(3, cpu) == 3
+        resolve_amp("bf61", torch.device("cpu"))
+
+
+def test_cuda_device_without_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="trainer.device='cuda' but CUDA is not available"):
+        device_for("cuda")
+    assert device_for("auto") == torch.device("cpu")
 
 
 def test_bad_config_values_fail_before_training(compose_cfg, fast_overrides, tmp_path):
@@ -178,9 +193,63 @@ def test_bad_config_values_fail_before_training(compose_cfg, fast_overrides, tmp
 
 
 @pytest.mark.slow
-def test_compiled_channels_last_run_saves_plain_weights(compose_cfg, fast_overrides, tmp_path):
+def test_compiled_channels_last_run_matches_eager_and_saves_plain_weights(compose_cfg, fast_overrides, tmp_path):
+    train(compose_cfg(fast_overrides), tmp_path / "eager")
     train(compose_cfg(fast_overrides + ["trainer.compile=true", "trainer.channels_last=true"]), tmp_path / "run")
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
     assert not any(k.startswith("_orig_mod") for k in state)
     model = build_model(compose_cfg(fast_overrides).model)
     model.load_state_dict(state)  # strict: every key matches the plain module
+    eager, compiled = _scalars(tmp_path / "eager", "train/loss"), _scalars(tmp_path / "run", "train/loss")
+    assert compiled.keys() == eager.keys() == {1, 2}
+    # Step 1 runs the same weights on the same batch: only the kernels' rounding differs.
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-4) and compiled[2] == pytest.approx(eager[2], rel=1e-2)
+
+
+def test_fp16_with_grad_scaler_and_clipping_trains_and_resumes_exactly(compose_cfg, fast_overrides, tmp_path):
+    """trainer.amp=fp16 on CPU enables torch.amp.GradScaler("cpu"): its scale is saved and restored."""
+    common = fast_overrides + ["trainer.amp=fp16", "trainer.grad_clip=0.5", "trainer.log_every=1"]
+    train(compose_cfg(common + ["trainer.max_steps=null"]), tmp_path / "full")
+    train(compose_cfg(common + ["trainer.max_steps=2"]), tmp_path / "stopped")  # mid-epoch: 2 of 4 steps
+    train(compose_cfg(common + ["trainer.max_steps=null",
+                                f"trainer.resume={tmp_path / 'stopped/checkpoints/last.pt'}"]), tmp_path / "resumed")
+    full = load_checkpoint(tmp_path / "full/checkpoints/last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")
+    assert full["scaler"]["scale"] > 0 and full["train_state"]["step"] == resumed["train_state"]["step"] == 4
+    losses = _scalars(tmp_path / "full", "train/loss")
+    assert losses.keys() == {1, 2, 3, 4} and all(np.isfinite(list(losses.values())))
+    model = build_model(compose_cfg(fast_overrides).model)
+    digests = []
+    for ckpt in (full, resumed, load_checkpoint(tmp_path / "stopped/checkpoints/last.pt")):
+        model.load_state_dict(ckpt["model"])
+        digests.append(parameters_digest(model))
+    assert digests[0] == digests[1] != digests[2]  # steps 3 and 4 moved the weights, identically
+    assert resumed["scaler"] == full["scaler"]
+
+
+def test_eval_every_evaluates_every_n_epochs_and_at_the_end(compose_cfg, fast_overrides, tmp_path):
+    train(compose_cfg(fast_overrides + ["trainer.epochs=3", "trainer.eval_every=2", "trainer.max_steps=null"]),
+          tmp_path / "run")
+    # 8 images / batch 2 = 4 steps per epoch: evaluations after epoch 2 (step 8) and the last (step 12).
+    assert sorted(_scalars(tmp_path / "run", "val/mDice")) == [8, 12]
+    assert sorted(_scalars(tmp_path / "run", "train/loss")) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_mask_of_another_size_stops_the_run_before_its_first_step(tmp_path, compose_cfg, split):
+    """One pass over the pairs checks every image header against its mask before training starts."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for i in range(6):
+            (root / "images" / part).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / part).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(root / "images" / part / f"{i}.png")
+            height = 20 if (part == split and i == 4) else 32
+            Image.fromarray(rng.integers(0, 2, (height, 40), dtype=np.uint8)).save(root / "masks" / part / f"{i}.png")
+    cfg = compose_cfg(["debug=fast", "dataset=folder", f"dataset.root={root}", "dataset.num_classes=2"])
+    with pytest.raises(ValueError) as err:
+        train(cfg, tmp_path / "run")
+    assert str(err.value) == (f"{root / 'masks' / split / '4.png'}: mask size 40x20 differs from image 4.png "
+                              "size 40x32")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()

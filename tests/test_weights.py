@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segtrain.data.stats import class_stats_cache_file, read_cached_class_stats
+from segtrain.config import CONFIG_DIR
+from segtrain.data.scan import counts_cache_file, read_cached_counts
 from segtrain.weights import STRATEGIES, ClassStats, compute_class_stats, compute_class_weights, weights_table
 
 I = 255  # noqa: E741  (ignore_index, short so the masks below stay readable)
@@ -35,7 +36,7 @@ MASKS = [
     [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, I, I], [I, I, I, I]],
 ]
 NAMES = ["road", "car", "person", "sky"]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "weights"
+CONFIGS = CONFIG_DIR / "weights"
 
 
 class PngMasks:
@@ -114,13 +115,13 @@ def test_bad_label_in_plain_iterable_names_item():
         compute_class_stats([np.zeros((2, 2), int), np.array([[0, -1], [-1, 0]])], 4)
 
 
-def test_stats_json_round_trip(stats, tmp_path):
-    stats.to_json(tmp_path / "s.json")
-    loaded = ClassStats.from_json(tmp_path / "s.json")
-    assert loaded == stats and loaded.pixel_count.dtype == np.int64
-    assert ClassStats.from_dict(stats.to_dict()) == stats
-    big = ClassStats(np.array([3_139_143_220]), np.array([16000]), np.array([4_194_304_000]), 4_194_304_000, 16000)
-    assert ClassStats.from_dict(big.to_dict()).to_dict() == big.to_dict()
+def test_stats_from_per_image_counts(stats):
+    counts = np.array([[10, 4, 0, 0], [14, 0, 2, 0], [0, 10, 0, 0]])  # MASKS, row by row
+    assert ClassStats.from_counts(counts) == stats
+    # int64 all the way: 16000 images of 512x512 overflow int32 sums.
+    big = ClassStats.from_counts(np.full((16000, 1), 512 * 512))
+    assert big.pixel_count.tolist() == [4_194_304_000] == big.present_pixel_count.tolist()
+    assert big.total_pixels == 4_194_304_000 and big.num_images == 16000
 
 
 # ---------------------------------------------------------------- cache
@@ -129,7 +130,7 @@ def test_stats_json_round_trip(stats, tmp_path):
 def test_cache_hit_reads_no_mask(root, stats):
     first = PngMasks(root)
     assert compute_class_stats(first, 4) == stats and first.loads == 3
-    assert len(list((root / ".segtrain").glob("class_stats-*.json"))) == 1
+    assert len(list((root / ".segtrain").glob("class_counts-*.npz"))) == 1
     second = PngMasks(root)
     assert compute_class_stats(second, 4) == stats
     assert second.loads == 0
@@ -168,32 +169,33 @@ def test_cache_invalidated_by_ignore_index(root):
     # 256 classes so that 255 is a valid label when it is not the ignore_index.
     compute_class_stats(PngMasks(root), 256, ignore_index=255)
     source = PngMasks(root)
-    assert compute_class_stats(source, 256, ignore_index=0).pixel_count[255] == 8
-    assert source.loads == 3
+    counted = compute_class_stats(source, 256, ignore_index=0)
+    assert counted.pixel_count[255] == 8 and source.loads == 3
+    assert counted.pixel_count[0] == 0  # the ignore_index is counted nowhere, even inside [0, num_classes)
 
 
 def test_cache_probe_reads_no_mask(root, stats):
     source = PngMasks(root)
-    path = class_stats_cache_file(source, 4)
-    assert read_cached_class_stats(source, 4) is None and not path.exists()
+    path = counts_cache_file(source, 4)
+    assert read_cached_counts(source, 4) is None and not path.exists()
     compute_class_stats(source, 4)
     assert path.is_file() and source.loads == 3
     again = PngMasks(root)
-    assert read_cached_class_stats(again, 4) == stats and again.loads == 0
-    assert read_cached_class_stats(again, 4, ignore_index=0) is None
-    assert class_stats_cache_file(again, 4, ignore_index=0) != path
+    assert ClassStats.from_counts(read_cached_counts(again, 4)) == stats and again.loads == 0
+    assert read_cached_counts(again, 4, ignore_index=0) is None
+    assert counts_cache_file(again, 4, ignore_index=0) != path
     with pytest.raises(TypeError, match="mask source"):
-        read_cached_class_stats([np.zeros((2, 2), int)], 4)
+        read_cached_counts([np.zeros((2, 2), int)], 4)
 
 
 def test_corrupt_cache_is_rewritten(root, stats, caplog):
     compute_class_stats(PngMasks(root), 4)
-    (cache_file,) = (root / ".segtrain").glob("class_stats-*.json")
-    cache_file.write_text("{not json")
+    (cache_file,) = (root / ".segtrain").glob("class_counts-*.npz")
+    cache_file.write_bytes(b"not an npz file")
     source = PngMasks(root)
-    with caplog.at_level(logging.WARNING, logger="segtrain.data.stats"):
+    with caplog.at_level(logging.WARNING, logger="segtrain.data.scan"):
         assert compute_class_stats(source, 4) == stats
-    assert source.loads == 3 and "class_stats-" in caplog.text
+    assert source.loads == 3 and "class_counts-" in caplog.text
     again = PngMasks(root)
     assert compute_class_stats(again, 4) == stats and again.loads == 0
 
@@ -296,8 +298,8 @@ def test_manual_length_and_value_errors(stats):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"strategy": "inverse"}, "strategy='inverse' is not valid; choose one of .*'median_freq'"),
-        ({"normalize": "max"}, r"normalize='max' is not valid; choose one of \['none', 'mean'\]"),
+        ({"strategy": "inverse"}, "weights.strategy='inverse'; valid: none, inverse_freq, .*median_freq"),
+        ({"normalize": "max"}, r"weights.normalize='max'; valid: none, mean$"),
         ({"absent": "skip"}, "absent='skip'"),
         ({"count": "boxes"}, "count='boxes'"),
         ({"beta": 1.0}, "beta must be in"),

@@ -10,10 +10,10 @@ import torch
 from segtrain.data.cityscapes import CityscapesDataset
 from segtrain.data.folder import FolderDataset, read_image, read_mask
 from segtrain.data.sampler import EpochSampler, ShardSampler
-from segtrain.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from segtrain.data.synthetic import ensure_synthetic
 from segtrain.data.transforms import eval_transform, train_transform
 from segtrain.data.voc import VOCDataset
+from segtrain.errors import check_choice
 
 __all__ = [
     "LAYOUTS",
@@ -21,7 +21,6 @@ __all__ = [
     "EpochSampler",
     "ShardSampler",
     "FolderDataset",
-    "SYNTHETIC_CLASS_NAMES",
     "VOCDataset",
     "ensure_synthetic",
     "eval_transform",
@@ -43,8 +42,7 @@ LAYOUTS: dict[str, type[FolderDataset]] = {
 def make_dataset(layout: str, root: str | Path, split: str, num_classes: int, ignore_index: int = 255,
                  transform: Callable | None = None, **options: Any) -> FolderDataset:
     """One split of a dataset in ``layout`` (a key of ``LAYOUTS``); ``options`` go to its class."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"dataset.layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+    check_choice("dataset.layout", layout, LAYOUTS)
     return LAYOUTS[layout](root, split, num_classes, ignore_index, transform, **options)
 
 

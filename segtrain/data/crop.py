@@ -25,7 +25,8 @@ class ClassAwareCrop(A.RandomCrop):
     """``RandomCrop`` (no padding: pad before it) with rare-class centring and ``cat_max_ratio``."""
 
     def __init__(self, height: int, width: int, ignore_index: int = 255, rare_crop_p: float = 0.0,
-                 cat_max_ratio: float | None = None, max_tries: int = 10, p: float = 1.0) -> None:
+                 cat_max_ratio: float | None = None, class_frequency: Sequence[float] | None = None,
+                 max_tries: int = 10, p: float = 1.0) -> None:
         super().__init__(height=height, width=width, p=p)
         if not 0.0 <= rare_crop_p <= 1.0:
             raise ValueError(f"dataset.sampling.rare_crop_p={rare_crop_p}; expected a probability in [0, 1]")
@@ -35,17 +36,17 @@ class ClassAwareCrop(A.RandomCrop):
         self.rare_crop_p = float(rare_crop_p)
         self.cat_max_ratio = cat_max_ratio
         self.max_tries = max_tries
-        self.class_weights: np.ndarray | None = None  # 1 / pixel share, 0 for absent classes
-
-    def set_class_frequencies(self, frequency: Sequence[float]) -> None:
-        freq = np.asarray(frequency, dtype=np.float64)
-        if freq.ndim != 1 or (freq < 0).any() or not np.isfinite(freq).all():
-            raise ValueError(f"class frequencies must be a 1-D array of shares >= 0, got {frequency!r}")
-        self.class_weights = np.divide(1.0, freq, out=np.zeros_like(freq), where=freq > 0)
-
-    @property
-    def needs_class_frequencies(self) -> bool:
-        return self.rare_crop_p > 0 and self.class_weights is None
+        # Probability of centring on class c (before normalising over the classes in the mask):
+        # 1 / its pixel share in the training set, 0 for absent classes.
+        self.draw_weights: np.ndarray | None = None
+        if self.rare_crop_p > 0:
+            if class_frequency is None:
+                raise ValueError("dataset.sampling.rare_crop_p > 0 needs the class frequencies of the training "
+                                 "split (ClassStats.frequency) when the transform is built")
+            freq = np.asarray(class_frequency, dtype=np.float64)
+            if freq.ndim != 1 or (freq < 0).any() or not np.isfinite(freq).all():
+                raise ValueError(f"class frequencies must be a 1-D array of shares >= 0, got {class_frequency!r}")
+            self.draw_weights = np.divide(1.0, freq, out=np.zeros_like(freq), where=freq > 0)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         mask = data["mask"]
@@ -63,12 +64,10 @@ class ClassAwareCrop(A.RandomCrop):
         return {"crop_coords": coords, "pad_params": None}
 
     def _centred_on_rare_class(self, mask: np.ndarray) -> tuple[int, int, int, int]:
-        if self.class_weights is None:
-            raise RuntimeError("dataset.sampling.rare_crop_p > 0 needs the class frequencies: call "
-                               "dataset.set_class_frequencies(stats.frequency) before loading")
+        num_classes = self.draw_weights.size
         labels = mask.ravel() if self.ignore_index >= 0 else mask[mask != self.ignore_index]
-        hist = np.bincount(labels, minlength=self.class_weights.size)[: self.class_weights.size]
-        weights = np.where(hist > 0, self.class_weights, 0.0)
+        hist = np.bincount(labels, minlength=num_classes)[:num_classes]
+        weights = np.where(hist > 0, self.draw_weights, 0.0)
         if weights.sum() <= 0:  # nothing labelled here (all ignore): any crop will do
             return self._uniform(mask.shape)
         cls = self.py_random.choices(range(weights.size), weights=weights.tolist())[0]

@@ -24,7 +24,7 @@ from segtrain.data.pairing import Pairing, pair_by_key, pair_from_list
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "read_image", "read_mask"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "image_size", "read_image", "read_mask", "size_mismatch_error"]
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -35,9 +35,24 @@ def read_image(path: Path) -> np.ndarray:
         raise OSError(f"{path}: cannot read image ({err})") from err
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header; the pixels are not decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except OSError as err:
+        raise OSError(f"{path}: cannot read image ({err})") from err
+
+
+def size_mismatch_error(mask_path: Path, mask_hw: tuple[int, ...], image_path: Path,
+                        image_hw: tuple[int, ...]) -> ValueError:
+    return ValueError(f"{mask_path}: mask size {mask_hw[1]}x{mask_hw[0]} differs from image {image_path.name} "
+                      f"size {image_hw[1]}x{image_hw[0]}")
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    """Image/mask pairs of one split; also the mask source for class statistics
-    (``mask_paths``, ``root``, ``label_mapping``, ``load_mask``).
+    """Image/mask pairs of one split; also the mask source of the one pass over the pairs
+    (``segtrain.data.scan``: ``root``, ``image_paths``, ``mask_paths``, ``decoder``).
 
     ``__getitem__`` accepts an index, or an ``(index, seed)`` pair from
     :class:`segtrain.data.sampler.EpochSampler` that makes the random augmentation of that
@@ -106,28 +121,14 @@ class FolderDataset(torch.utils.data.Dataset):
     def load_image(self, index: int) -> np.ndarray:
         return read_image(self.image_paths[index])
 
-    def set_class_frequencies(self, frequency: Sequence[float]) -> None:
-        """Give rare-class cropping the pixel share of every class (``ClassStats.frequency``).
-
-        A no-op when the transform does no class-aware cropping.
-        """
-        for step in getattr(self.transform, "transforms", ()):
-            if hasattr(step, "set_class_frequencies"):
-                step.set_class_frequencies(frequency)
-
-    @property
-    def needs_class_frequencies(self) -> bool:
-        """True while a class-aware crop of the transform still waits for ``set_class_frequencies``."""
-        steps = getattr(self.transform, "transforms", ())
-        return any(getattr(step, "needs_class_frequencies", False) for step in steps)
+    def image_size(self, index: int) -> tuple[int, int]:
+        return image_size(self.image_paths[index])
 
     def _checked_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        # The class-statistics pass checked every pair before training; a file may change since.
         image, mask = self.load_image(index), self.load_mask(index)
         if image.shape[:2] != mask.shape:
-            raise ValueError(
-                f"{self.mask_paths[index]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-                f"image {self.image_paths[index].name} size {image.shape[1]}x{image.shape[0]}"
-            )
+            raise size_mismatch_error(self.mask_paths[index], mask.shape, self.image_paths[index], image.shape)
         return image, mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,8 +22,11 @@ import numpy as np
 from PIL import Image
 
 from segtrain.data.palette import ColorDecoder, parse_palette, read_color_mask
+from segtrain.errors import check_choice
 
 ON_BAD_LABEL = ("error", "ignore")
+# Above this label value np.bincount would allocate a large histogram; np.unique is used instead.
+_BINCOUNT_LIMIT = 1 << 16
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -67,11 +70,47 @@ def mapping_table(mapping: Mapping[Any, Any], num_classes: int, ignore_index: in
     return table
 
 
-def bad_label_message(path: Path | str, values: np.ndarray, num_classes: int, ignore_index: int) -> str:
+def value_counts(values: np.ndarray) -> list[tuple[int, int]]:
+    """``[(value, pixel count), ...]`` of the values present, ascending."""
     found, counts = np.unique(values, return_counts=True)
-    listed = ", ".join(f"value {v} ({c} px)" for v, c in zip(found.tolist(), counts.tolist()))
+    return list(zip(found.tolist(), counts.tolist()))
+
+
+def bad_label_message(path: Path | str, bad: list[tuple[int, int]], num_classes: int, ignore_index: int) -> str:
+    """The one wording for labels outside the classes; ``bad`` is ``[(value, pixel count), ...]``."""
+    listed = ", ".join(f"value {v} ({n} px)" for v, n in bad)
     return (f"{path}: labels outside [0, {num_classes}) and != ignore_index {ignore_index}: {listed}; "
             "fix the mask or set dataset.on_bad_label=ignore")
+
+
+def count_labels(mask: Any, num_classes: int, ignore_index: int | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(per-class pixel counts (C,) int64, [(bad label, pixel count), ...]) of one label map.
+
+    ``ignore_index`` pixels are counted nowhere, also when it lies inside [0, num_classes).
+    """
+    if hasattr(mask, "detach"):  # a torch tensor
+        mask = mask.detach().cpu().numpy()
+    flat = np.asarray(mask).ravel()
+    if flat.dtype.kind not in "iu":
+        raise TypeError(f"masks must hold integer labels, got dtype {flat.dtype}")
+    counts = np.zeros(num_classes, dtype=np.int64)
+    if flat.size == 0:
+        return counts, []
+    if int(flat.min()) >= 0 and int(flat.max()) < _BINCOUNT_LIMIT:
+        hist = np.bincount(flat.astype(np.intp, copy=False), minlength=num_classes)
+        values = np.flatnonzero(hist)
+        pairs = zip(values.tolist(), hist[values].tolist())
+    else:  # a histogram would be huge (or negative labels): count the distinct values instead
+        pairs = value_counts(flat.astype(np.int64))
+    bad = []
+    for value, n in pairs:
+        if value == ignore_index:
+            continue
+        if 0 <= value < num_classes:
+            counts[value] = n
+        else:
+            bad.append((value, n))
+    return counts, bad
 
 
 class MaskDecoder:
@@ -79,8 +118,7 @@ class MaskDecoder:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, label_mapping: Mapping | None = None,
                  palette: Any = None, on_unknown_color: str = "error", on_bad_label: str = "error") -> None:
-        if on_bad_label not in ON_BAD_LABEL:
-            raise ValueError(f"dataset.on_bad_label={on_bad_label!r}; valid: {', '.join(ON_BAD_LABEL)}")
+        check_choice("dataset.on_bad_label", on_bad_label, ON_BAD_LABEL)
         if palette is not None and label_mapping is not None:
             raise ValueError("dataset.palette and dataset.label_mapping both set: a palette already maps "
                              "colours to classes; give one of them")
@@ -132,7 +170,8 @@ class MaskDecoder:
         bad = self.bad_pixels(mask)
         if bad is not None:
             if self.on_bad_label == "error":
-                raise ValueError(bad_label_message(path, mask[bad], self.num_classes, self.ignore_index))
+                raise ValueError(bad_label_message(path, value_counts(mask[bad]), self.num_classes,
+                                                   self.ignore_index))
             mask = mask.astype(np.int64)  # a copy that holds any ignore_index
             mask[bad] = self.ignore_index
         return mask.astype(self.dtype, copy=False)

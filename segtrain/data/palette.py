@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segtrain.errors import check_choice
+
 Color = tuple[int, int, int]
 
 
@@ -59,8 +61,7 @@ class ColorDecoder:
     """Maps the colours of an RGB mask to classes with one binary search per pixel."""
 
     def __init__(self, table: Mapping[Color, int], ignore_index: int = 255, on_unknown_color: str = "error") -> None:
-        if on_unknown_color not in ("error", "ignore"):
-            raise ValueError(f"dataset.on_unknown_color={on_unknown_color!r}; valid: error, ignore")
+        check_choice("dataset.on_unknown_color", on_unknown_color, ("error", "ignore"))
         keys = np.array([(r << 16) | (g << 8) | b for r, g, b in table], dtype=np.int32)
         order = np.argsort(keys)
         self.keys = keys[order]

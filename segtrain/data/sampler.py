@@ -5,7 +5,7 @@ per-draw augmentation seed from the same generator. Resuming at step ``k`` of an
 skips the first ``k * batch_size`` draws, so an interrupted run continues on exactly the
 batches and augmentations it would have seen.
 
-With ``repeat_factors`` (``segtrain.data.sampling``) image ``i`` appears ``floor(r_i)`` or
+With ``repeat_factors`` (``segtrain.data.repeat_factors``) image ``i`` appears ``floor(r_i)`` or
 ``ceil(r_i)`` times in an epoch, the extra copy with probability ``r_i - floor(r_i)``. The
 extra copies are chosen by systematic sampling over a random order of the images, which
 keeps that probability exact for every image while the epoch's length stays

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from segtrain.data.crop import ClassAwareCrop
+from segtrain.errors import choice_message
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,11 +73,14 @@ def train_transform(
     extra: Sequence[Mapping[str, Any]] | None = None,
     rare_crop_p: float = 0.0,
     cat_max_ratio: float | None = None,
+    class_frequency: Sequence[float] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> A.Compose:
     """The training preset; ``color_jitter=s`` jitters brightness, contrast and saturation by
-    up to ``s`` and hue by up to ``s / 4`` (capped at 0.5), in 80% of the draws."""
+    up to ``s`` and hue by up to ``s / 4`` (capped at 0.5), in 80% of the draws.
+    ``class_frequency`` (``ClassStats.frequency`` of the training split) is what rare-class
+    cropping (``rare_crop_p > 0``) draws classes by."""
     steps: list[A.BasicTransform] = []
     if scale_range is not None:
         low, high = scale_range
@@ -87,7 +91,7 @@ def train_transform(
         height, width = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
         steps.append(A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT,
                                    fill=0, fill_mask=ignore_index))
-        steps.append(ClassAwareCrop(height, width, ignore_index, rare_crop_p, cat_max_ratio))
+        steps.append(ClassAwareCrop(height, width, ignore_index, rare_crop_p, cat_max_ratio, class_frequency))
     elif rare_crop_p or cat_max_ratio is not None:
         raise ValueError("dataset.sampling.rare_crop_p and cat_max_ratio choose where to crop: they need "
                          "dataset.augment.crop_size")
@@ -132,5 +136,6 @@ def eval_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] =
     elif isinstance(val_resize, int) and not isinstance(val_resize, bool) and val_resize > 0:
         steps.append(ResizeImage(val_resize))
     elif val_resize is not None:
-        raise ValueError(f"dataset.val_resize={val_resize!r}; valid: null, pad32, or a positive int (shorter side)")
+        valid = ("null", "pad32", "a positive int (shorter side)")
+        raise ValueError(choice_message("dataset.val_resize", val_resize, valid))
     return A.Compose(steps)

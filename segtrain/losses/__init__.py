@@ -11,6 +11,7 @@ from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLo
 from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
 from segtrain.losses.factory import BINARY_LOSS_REGISTRY, LOSS_REGISTRY, build_loss
 from segtrain.losses.focal import BinaryFocalLoss, FocalLoss
+from segtrain.losses.fused import FocalDiceLoss
 from segtrain.losses.lovasz import LovaszSoftmaxLoss
 from segtrain.losses.tversky import TverskyLoss
 
@@ -23,6 +24,7 @@ __all__ = [
     "CompositeLoss",
     "CrossEntropyLoss",
     "DiceLoss",
+    "FocalDiceLoss",
     "FocalLoss",
     "GeneralizedDiceLoss",
     "LovaszSoftmaxLoss",

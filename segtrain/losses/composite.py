@@ -8,25 +8,22 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from segtrain.losses.cross_entropy import CrossEntropyLoss
-from segtrain.losses.dice import DiceLoss
-from segtrain.losses.focal import FocalLoss
-from segtrain.losses.functional_fused import focal_dice_loss
+from segtrain.losses.fused import FocalDiceLoss, fusable_pair
 
 
 class CompositeLoss(nn.Module):
-    """Sum of ``weight * term(logits, target)``; forward returns a dict for the training loop.
+    """Sum of ``loss_weight * term(logits, target)``; forward returns a dict for the training loop.
 
         loss_fn = CompositeLoss({"ce": (CrossEntropyLoss(), 1.0), "dice": (DiceLoss(), 0.5)})
         out = loss_fn(logits, target)
         out["loss"].backward()      # 1.0 * ce + 0.5 * dice
         out["dice"]                 # unweighted and detached, logged as train/loss/dice
 
-    With ``fuse`` (the default), a FocalLoss or unsmoothed CrossEntropyLoss term and a
-    non-squared DiceLoss term are computed together by ``functional_fused.focal_dice_loss``:
-    one softmax for both, the same values and gradients, about half the time and memory of
-    the two apart (scripts/bench_losses.py). ``fuse=False`` computes every term on its own,
-    which double backward (``create_graph=True``) needs.
+    Built by hand like this or by ``build_loss``, a FocalLoss or unsmoothed CrossEntropyLoss
+    term and a non-squared DiceLoss term are computed together (``fused.FocalDiceLoss``): one
+    softmax for both, the same values and gradients, about half the time and memory. That is
+    decided here, once; set the terms' options before building. ``fuse=False`` computes every
+    term on its own, which double backward (``create_graph=True``) needs.
     """
 
     def __init__(self, terms: Mapping[str, tuple[nn.Module, float]], fuse: bool = True) -> None:
@@ -34,56 +31,40 @@ class CompositeLoss(nn.Module):
         if not terms:
             raise ValueError("CompositeLoss needs at least one term, got none")
         modules: dict[str, nn.Module] = {}
-        self.weights: dict[str, float] = {}
+        self.loss_weights: dict[str, float] = {}
         for name, term in terms.items():
             if not isinstance(name, str) or not name or "." in name or name == "loss":
                 raise ValueError(f"loss term name {name!r} is not valid: use a non-empty name without '.', not 'loss'")
-            module, weight = term
+            module, loss_weight = term
             if not isinstance(module, nn.Module):
                 raise TypeError(f"loss term {name!r}: expected an nn.Module, got {type(module).__name__}")
-            weight = float(weight)
-            if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"loss term {name!r}: weight must be finite and >= 0, got {weight}")
+            loss_weight = float(loss_weight)
+            if not math.isfinite(loss_weight) or loss_weight < 0:
+                raise ValueError(f"loss term {name!r}: loss_weight must be finite and >= 0, got {loss_weight}")
             modules[name] = module
-            self.weights[name] = weight
+            self.loss_weights[name] = loss_weight
         self.terms = nn.ModuleDict(modules)
-        self.fuse = fuse
+        self.fused = fusable_pair(self.terms) if fuse else None
+        # What forward runs, in order: (names of the values, module); a fused module gives two.
+        # A plain list: the modules are registered once, in self.terms.
+        self._calls: list[tuple[tuple[str, ...], nn.Module]] = []
+        for name, module in self.terms.items():
+            if self.fused is None or name not in self.fused:
+                self._calls.append(((name,), module))
+            elif name == self.fused[0]:
+                self._calls.append((self.fused, FocalDiceLoss(*(self.terms[n] for n in self.fused))))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        fused: dict[str, torch.Tensor] = {}
-        # Looked up per call: options may change after __init__. (N, C) logits without pixels stay apart.
-        pair = fusable_pair(self.terms) if self.fuse and logits.ndim > 2 else None
-        if pair is not None:
-            pixel, dice = pair
-            fused[pixel], fused[dice] = _fused_values(self.terms[pixel], self.terms[dice], logits, target)
-        total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
-        for name, module in self.terms.items():
-            value = fused[name] if name in fused else module(logits, target)
-            weighted = self.weights[name] * value
+        for names, module in self._calls:
+            out = module(logits, target)
+            values.update(zip(names, out if len(names) > 1 else (out,)))
+        total: torch.Tensor | None = None
+        for name, loss_weight in self.loss_weights.items():  # the terms' order, fused or not
+            weighted = loss_weight * values[name]
             total = weighted if total is None else total + weighted
-            values[name] = value.detach()
-        return {"loss": total, **values}
+        return {"loss": total, **{name: values[name].detach() for name in self.loss_weights}}
 
     def extra_repr(self) -> str:
-        return "weights=" + ", ".join(f"{name}: {weight}" for name, weight in self.weights.items()) + \
-            f", fuse={self.fuse}"
-
-
-def fusable_pair(terms: Mapping[str, nn.Module]) -> tuple[str, str] | None:
-    """Names of a pixel term (focal, or cross-entropy without smoothing) and a Dice term to compute together.
-
-    Exact classes only: a subclass may have changed what its forward computes.
-    """
-    pixel = next((name for name, m in terms.items() if type(m) is FocalLoss
-                  or (type(m) is CrossEntropyLoss and m.label_smoothing == 0)), None)
-    dice = next((name for name, m in terms.items() if type(m) is DiceLoss and not m.squared), None)
-    if pixel is None or dice is None or terms[pixel].ignore_index != terms[dice].ignore_index:
-        return None
-    return pixel, dice
-
-
-def _fused_values(pixel: nn.Module, dice: DiceLoss, logits: torch.Tensor, target: torch.Tensor):
-    gamma, normalize = (pixel.gamma, pixel.normalize) if isinstance(pixel, FocalLoss) else (0.0, "weights")
-    return focal_dice_loss(logits, target, gamma, pixel.weight, normalize, dice.smooth, dice.batch,
-                           dice.include_background, dice.weight, dice.ignore_index)
+        weights = ", ".join(f"{name}: {w}" for name, w in self.loss_weights.items())
+        return f"loss_weights={weights}, fused={'+'.join(self.fused) if self.fused else None}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from segtrain.errors import choice_message
 from segtrain.losses.composite import CompositeLoss
 from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLoss, OhemCrossEntropyLoss
 from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
@@ -38,7 +40,7 @@ BINARY_LOSS_REGISTRY: dict[str, type[nn.Module]] = {
     "dice": BinaryDiceLoss,
 }
 # Keys of a term that build_loss reads itself; every other key goes to the constructor.
-TERM_KEYS = ("weight", "use_class_weights")
+TERM_KEYS = ("loss_weight", "use_class_weights")
 
 
 def build_loss(
@@ -46,17 +48,19 @@ def build_loss(
     class_weights: torch.Tensor | Sequence[float] | None = None,
     num_classes: int | None = None,
     ignore_index: int | None = 255,
+    fuse: bool = True,
 ) -> CompositeLoss:
     """Build the weighted sum of the terms in ``loss_cfg["terms"]``.
 
-        cfg = {"terms": {"focal": {"weight": 1.0, "gamma": 2.0}, "dice": {"weight": 1.0}}}
+        cfg = {"terms": {"focal": {"loss_weight": 1.0, "gamma": 2.0}, "dice": {"loss_weight": 1.0}}}
         loss_fn = build_loss(cfg, class_weights, num_classes=5).to(device)
         out = loss_fn(logits, masks)  # {"loss": focal + dice, "focal": ..., "dice": ...}
 
     Term names are the keys of LOSS_REGISTRY (BINARY_LOSS_REGISTRY when num_classes == 1).
-    Per term, ``weight`` (default 1.0) scales it in the sum and ``use_class_weights``
+    Per term, ``loss_weight`` (default 1.0) scales it in the sum and ``use_class_weights``
     (default true) lets ``class_weights`` reach it when its class takes a ``weight``; every
-    other key is a constructor argument. ``ignore_index`` goes to every term.
+    other key is a constructor argument. ``ignore_index`` goes to every term. The terms are
+    computed as ``CompositeLoss`` does: a focal/CE + Dice pair fused unless ``fuse=False``.
     """
     terms_cfg = _terms_of(loss_cfg)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
@@ -69,7 +73,7 @@ def build_loss(
         name: _build_term(str(name), term_cfg, registry, class_weights, num_classes, ignore_index)
         for name, term_cfg in terms_cfg.items()
     }
-    return CompositeLoss(terms)
+    return CompositeLoss(terms, fuse=fuse)
 
 
 def _terms_of(loss_cfg: Mapping[str, Any] | DictConfig) -> Mapping[str, Any]:
@@ -96,7 +100,7 @@ def _build_term(
 ) -> tuple[nn.Module, float]:
     if name not in registry:
         mode = "binary (num_classes=1)" if registry is BINARY_LOSS_REGISTRY else "multiclass"
-        raise ValueError(f"unknown {mode} loss term {name!r}; valid terms: {', '.join(sorted(registry))}")
+        raise ValueError(choice_message("loss.terms", name, sorted(registry), f"is not a {mode} loss term"))
     if name == "binary_focal" and num_classes is not None and num_classes > 1:
         raise ValueError(
             f"loss term 'binary_focal' needs one-channel logits (num_classes=1), got num_classes={num_classes}"
@@ -104,7 +108,7 @@ def _build_term(
     if term_cfg is not None and not isinstance(term_cfg, Mapping):
         raise ValueError(f"loss term {name!r}: expected a mapping of options, got {term_cfg!r}")
     options = dict(term_cfg or {})
-    weight = options.pop("weight", 1.0)
+    loss_weight = _loss_weight_of(name, options)
     use_class_weights = options.pop("use_class_weights", True)
     if not isinstance(use_class_weights, bool):
         raise ValueError(f"loss term {name!r}: use_class_weights must be true or false, got {use_class_weights!r}")
@@ -124,4 +128,16 @@ def _build_term(
         options["weight"] = class_weights
     if "ignore_index" in params:
         options["ignore_index"] = ignore_index
-    return cls(**options), weight
+    return cls(**options), loss_weight
+
+
+def _loss_weight_of(name: str, options: dict) -> float:
+    """Pop the term's multiplier; named ``weight`` in segtrain 0.1, one layer from the class weights."""
+    if "weight" in options:
+        if "loss_weight" in options:
+            raise ValueError(f"loss term {name!r}: both loss_weight and its old name weight are set; keep loss_weight")
+        warnings.warn(f"loss.terms.{name}.weight is deprecated and stops working in the release after next: the term's "
+                      f"multiplier is now loss.terms.{name}.loss_weight (class weights come from weights=...)",
+                      FutureWarning, stacklevel=4)
+        return options.pop("weight")
+    return options.pop("loss_weight", 1.0)

@@ -20,6 +20,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from segtrain.errors import check_choice
+
 __all__ = [
     "as_class_weights",
     "binary_focal_loss",
@@ -70,10 +72,6 @@ def check_non_negative(name: str, value: float) -> None:
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
 
-
-def check_choice(name: str, value: str, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, options))}")
 
 
 def check_multiclass(

@@ -1,6 +1,6 @@
 """Focal (or cross-entropy) and soft Dice from one softmax, with an analytic backward.
 
-``CompositeLoss`` calls ``focal_dice_loss`` when it holds a FocalLoss (or an unsmoothed
+``CompositeLoss`` (through ``fused.FocalDiceLoss``) calls ``focal_dice_loss`` when it holds a FocalLoss (or an unsmoothed
 CrossEntropyLoss) and a DiceLoss. Computed apart, the two terms each build a softmax, Dice a
 one-hot target, and their autograd graphs keep several (N, C, H, W) tensors; here one
 softmax buffer serves both values (log p_t is taken per pixel, see _log_target_prob), and the
@@ -37,16 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from segtrain.losses.functional import (
-    FOCAL_NORMALIZE,
-    check_choice,
-    check_multiclass,
-    check_non_negative,
-    float32_math,
-    focal_modulator,
-    safe_divide,
-    valid_and_safe_target,
-)
+from segtrain.errors import check_choice
+from segtrain.losses import functional as LF
 from segtrain.losses.functional_overlap import _class_mean, _ratio_or_one
 
 __all__ = ["focal_dice_loss"]
@@ -135,7 +127,7 @@ def _pixel_term(log_p_t: torch.Tensor, p_t: torch.Tensor, a_t: torch.Tensor, gam
     if gamma == 0:  # cross-entropy: the modulator is 1
         return torch.dot(a_t.flatten(), log_p_t.flatten()), a_t if want_grad else None
     one_minus_p = torch.rsub(p_t, 1)
-    weighted = focal_modulator(one_minus_p, gamma).mul_(a_t)
+    weighted = LF.focal_modulator(one_minus_p, gamma).mul_(a_t)
     total = torch.dot(weighted.flatten(), log_p_t.flatten())
     if not want_grad:
         return total, None
@@ -183,7 +175,7 @@ class _FocalDice(torch.autograd.Function):
         counted = counts.sum(0)
         denominator = (counted * focal_weight).sum() if normalize == "weights" and focal_weight is not None \
             else counted.sum()
-        focal = safe_divide(-focal_total, denominator)
+        focal = LF.safe_divide(-focal_total, denominator)
 
         intersection = class_sums(p_t, safe_target, num_classes, scatter)  # (N, C)
         prob_sums = probs.sum(tuple(range(2, logits.ndim)))  # (N, C)
@@ -219,7 +211,7 @@ class _FocalDice(torch.autograd.Function):
         return grad.view(shape), *(None,) * 9
 
 
-@float32_math
+@LF.float32_math
 def focal_dice_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -237,15 +229,15 @@ def focal_dice_loss(
     Arguments are those of ``functional.focal_loss`` and ``functional_overlap.dice_loss``, each
     term with its own class weight. Supports one backward through the graph (no create_graph).
     """
-    check_non_negative("gamma", gamma)
-    check_choice("normalize", normalize, FOCAL_NORMALIZE)
-    check_non_negative("smooth", smooth)
+    LF.check_non_negative("gamma", gamma)
+    check_choice("normalize", normalize, LF.FOCAL_NORMALIZE)
+    LF.check_non_negative("smooth", smooth)
     if logits.ndim < 3:
         raise ValueError(f"focal_dice_loss needs logits (N, C, *spatial) with spatial dims, got {tuple(logits.shape)}")
     if not include_background and logits.shape[1] < 2:
         raise ValueError(f"include_background=False needs at least 2 classes, logits have {logits.shape[1]}")
-    _, _, dice_weight = check_multiclass(logits, target, dice_weight)
-    logits, target, focal_weight = check_multiclass(logits, target, focal_weight)
-    valid, safe_target = valid_and_safe_target(target, ignore_index)
+    _, _, dice_weight = LF.check_multiclass(logits, target, dice_weight)
+    logits, target, focal_weight = LF.check_multiclass(logits, target, focal_weight)
+    valid, safe_target = LF.valid_and_safe_target(target, ignore_index)
     return _FocalDice.apply(logits, safe_target, valid, gamma, focal_weight, normalize, smooth, batch,
                             include_background, dice_weight)

@@ -3,41 +3,24 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from segtrain.losses import functional as LF
 from segtrain.losses import functional_overlap as LO
+from segtrain.losses.base import LossModule
 
 
-class TverskyLoss(nn.Module):
+class TverskyLoss(LossModule):
     """Mean over classes of (1 - TI_c)^gamma with TI_c = TP / (TP + alpha FP + beta FN), smoothed.
 
     beta > alpha penalises missed pixels more than false alarms, which favours recall on
     small classes; alpha = beta = 0.5 and gamma = 1 is the Dice loss.
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.3,
-        beta: float = 0.7,
-        gamma: float = 1.0,
-        smooth: float = 1e-5,
-        ignore_index: int | None = 255,
-    ) -> None:
-        super().__init__()
+    def __init__(self, alpha: float = 0.3, beta: float = 0.7, gamma: float = 1.0, smooth: float = 1e-5,
+                 ignore_index: int | None = 255) -> None:
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("smooth", smooth)):
             LF.check_non_negative(name, value)
-        self.alpha = alpha
-        self.beta = beta
-        self.gamma = gamma
-        self.smooth = smooth
-        self.ignore_index = ignore_index
+        super().__init__(alpha=alpha, beta=beta, gamma=gamma, smooth=smooth, ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return LO.tversky_loss(logits, target, self.alpha, self.beta, self.gamma, self.smooth, self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, smooth={self.smooth}, "
-            f"ignore_index={self.ignore_index}"
-        )

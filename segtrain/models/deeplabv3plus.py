@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import check_choice
 from segtrain.models.blocks import SegmentationModel, conv_bn_relu, separable_conv_bn_relu
 from segtrain.models.encoders import build_encoder
 
@@ -91,10 +92,7 @@ class DeepLabV3Plus(SegmentationModel):
         separable: bool = False,
         freeze_bn: bool = False,
     ) -> None:
-        if output_stride not in _ASPP_RATES:
-            raise ValueError(
-                f"output_stride={output_stride!r} is not supported; valid values: 8, 16"
-            )
+        check_choice("output_stride", output_stride, tuple(_ASPP_RATES))
         backbone = build_encoder(encoder, in_channels, encoder_weights, output_stride)
         super().__init__(pad_multiple=backbone.output_stride, freeze_bn=freeze_bn)
         self.encoder = backbone

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model_builder, get_model_weights
 
+from segtrain.errors import choice_message
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -134,17 +136,15 @@ def build_encoder(
         ResNets replace strides by dilation; MobileNetV3 uses torchvision's ``dilated=True``.
     """
     if name not in _SPECS:
-        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODERS)}")
+        raise ValueError(choice_message("encoder", name, ENCODERS, "is unknown"))
     if in_channels < 1:
         raise ValueError(f"in_channels={in_channels} must be >= 1")
     spec = _SPECS[name]
     if output_stride not in spec.output_strides:
         supporting = encoders_supporting(output_stride) or ["none (valid: 8, 16, 32)"]
-        raise ValueError(
-            f"encoder {name!r} does not support output_stride={output_stride} (it supports "
-            f"{', '.join(map(str, spec.output_strides))}); encoders that support "
-            f"output_stride={output_stride}: {', '.join(supporting)}"
-        )
+        raise ValueError(f"encoder {name!r} does not support output_stride={output_stride} (it supports "
+                         f"{', '.join(map(str, spec.output_strides))}); encoders that support "
+                         f"output_stride={output_stride}: {', '.join(supporting)}")
     kwargs: dict[str, Any] = {}
     if spec.family == "mobilenet_v3" and output_stride == 16:
         kwargs["dilated"] = True

@@ -1,0 +1,253 @@
+"""Config -> objects: runtime, datasets and loaders, model, loss, optimizer.
+
+Every entry point (training, evaluation, the statistics report, the scripts) composes its
+objects here, so a run, its evaluation and its benchmarks see the same data and model. This
+and the entry points are the only code that reads the config tree; what they build takes
+plain arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain import distributed
+from segtrain.config import CONFIG_DIR
+from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
+                           pad_collate, train_transform)
+from segtrain.data.class_stats import ClassStats
+from segtrain.data.repeat_factors import image_repeat_factors
+from segtrain.data.scan import image_class_counts
+from segtrain.engine import Runtime, TrainParts
+from segtrain.errors import check_choice, choice_message
+from segtrain.losses import CompositeLoss, build_loss
+from segtrain.metrics import ConfusionMatrix, flatten_metrics
+from segtrain.optim import param_groups
+from segtrain.weights import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+# Keys of the model config that configure training around the model, not the model class.
+MODEL_TRAINING_KEYS = ("sync_bn",)
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with native bf16 units),
+    else fp16 on CUDA and full precision on CPU, where emulated bf16 is slower than fp32."""
+    check_choice("trainer.amp", amp, AMP_CHOICES)
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def build_runtime(tr: DictConfig) -> Runtime:
+    """Device (``auto``: CUDA when present; under DDP the local rank's GPU), precision, memory layout."""
+    device = distributed.device_for(tr.device)
+    return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = os.cpu_count() or 1
+    # Training on a small CPU, loader workers steal cores from the convolutions (see
+    # docs/BENCHMARKS.md); a GPU run leaves the cores free for decoding.
+    if device.type == "cpu" and cores <= 4:
+        return 0
+    return min(8, cores)
+
+
+# ---------------------------------------------------------------- names and checks
+
+
+def class_names_of(ds: DictConfig) -> list[str]:
+    names = ds.get("class_names") or [f"class_{i}" for i in range(ds.num_classes)]
+    if len(names) != ds.num_classes:
+        raise ValueError(f"dataset.class_names has {len(names)} names but dataset.num_classes={ds.num_classes}")
+    return list(names)
+
+
+def weights_column_options() -> dict[str, dict]:
+    """Each strategy's options from its ``configs/weights/<strategy>.yaml``, so the class-weight
+    table's columns show what ``weights=<strategy>`` would give, not bare function defaults."""
+    weights_dir = CONFIG_DIR / "weights"
+    return {name: OmegaConf.to_container(OmegaConf.load(weights_dir / f"{name}.yaml"), resolve=True)
+            for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
+
+
+def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
+    """Fail before training, not at the first evaluation, on a misspelt metric name."""
+    # The names an evaluation will produce: those of an empty confusion matrix, plus the loss.
+    valid = set(flatten_metrics(ConfusionMatrix(len(class_names)).compute(), class_names, "val")) | {"val/loss"}
+    if monitor not in valid:
+        raise KeyError(choice_message("trainer.monitor", monitor, sorted(valid), "is not a logged metric"))
+    check_choice("trainer.monitor_mode", mode, ("max", "min"))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _dataset_options(ds: DictConfig) -> dict:
+    """The layout options the config sets; keys missing from older configs keep the class defaults."""
+    keys = ("list_file", "label_mapping", "palette", "on_unknown_color", "on_bad_label")
+    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            for k in keys if (v := ds.get(k)) is not None}
+
+
+def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bool = False) -> FolderDataset:
+    """One split of the configured dataset; a ``dataset.generate`` section writes it first."""
+    root = Path(ds.root).expanduser()
+    if ds.get("generate") is not None:
+        # Written once, by rank 0 under DDP; the other ranks wait for it here.
+        distributed.on_main_then_broadcast(ensure_synthetic, root, ignore_index=ds.ignore_index, **ds.generate)
+    return make_dataset(ds.get("layout", "folder"), root, split, num_classes=ds.num_classes,
+                        ignore_index=ds.ignore_index, transform=transform, allow_unpaired=allow_unpaired,
+                        **_dataset_options(ds))
+
+
+def split_counts(dataset: FolderDataset, workers: int = 0) -> np.ndarray:
+    """(N, C) class counts of every pair, every pair checked: a bad pair stops here, before training.
+
+    One pass over the masks on rank 0 (which writes the cache); the other ranks receive the result.
+    """
+    return distributed.on_main_then_broadcast(image_class_counts, dataset, dataset.num_classes,
+                                              dataset.ignore_index, num_workers=workers)
+
+
+def train_transform_of(ds: DictConfig, class_frequency) -> object:
+    sampling = ds.get("sampling") or {}
+    return train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
+                           rare_crop_p=sampling.get("rare_crop_p") or 0.0, cat_max_ratio=sampling.get("cat_max_ratio"),
+                           class_frequency=class_frequency, **OmegaConf.to_container(ds.augment))
+
+
+def eval_transform_of(ds: DictConfig) -> object:
+    return eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index, val_resize=ds.get("val_resize"))
+
+
+def eval_split(ds: DictConfig, split: str, workers: int = 0) -> FolderDataset:
+    """A split with the evaluation transform, its pairs checked first."""
+    dataset = dataset_split(ds, split, eval_transform_of(ds))
+    split_counts(dataset, workers)
+    return dataset
+
+
+@dataclass
+class TrainingData:
+    train_set: FolderDataset
+    val_set: FolderDataset
+    train_counts: np.ndarray  # (N, C) pixels of each class in each training image
+    stats: ClassStats  # derived from train_counts
+
+
+def build_data(ds: DictConfig, workers: int = 0) -> TrainingData:
+    """Both splits, every pair checked; the training transform gets the class frequencies it draws
+    rare-class crops by."""
+    train_set = dataset_split(ds, ds.train_split)
+    counts = split_counts(train_set, workers)
+    stats = ClassStats.from_counts(counts)
+    train_set.transform = train_transform_of(ds, stats.frequency)
+    return TrainingData(train_set, eval_split(ds, ds.val_split, workers), counts, stats)
+
+
+def _repeat_factors(counts: np.ndarray, ds: DictConfig) -> np.ndarray | None:
+    """Per-image repeat factors when ``dataset.sampling.repeat_thresh`` is set, else None."""
+    thresh = (ds.get("sampling") or {}).get("repeat_thresh")
+    if thresh is None:
+        return None
+    factors = image_repeat_factors(counts > 0, thresh)
+    log.info("repeat-factor sampling (t=%g): %d of %d images repeated, mean factor %.3f, max %.3f", thresh,
+             int((factors > 1).sum()), len(factors), factors.mean(), factors.max())
+    return factors
+
+
+def eval_loader(dataset, ds: DictConfig, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
+    """In order, each image once over all ranks (one shard per rank under DDP)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=ds.batch_size_val, sampler=ShardSampler(len(dataset)), num_workers=workers,
+        pin_memory=pin, collate_fn=PadCollate(ds.ignore_index))
+
+
+@dataclass(frozen=True)
+class PadCollate:
+    """``pad_collate`` with the dataset's ignore_index; a class, so that loader workers can pickle it."""
+
+    ignore_index: int
+
+    def __call__(self, batch):
+        return pad_collate(batch, self.ignore_index)
+
+
+def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
+    """(train loader, val loader, optimizer steps per epoch)."""
+    tr, ds = cfg.trainer, cfg.dataset
+    workers = resolve_num_workers(tr.num_workers, device)
+    pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
+    draws_per_step = tr.batch_size * tr.grad_accum
+    train_set = data.train_set
+    sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step,
+                           repeat_factors=_repeat_factors(data.train_counts, ds))
+    if sampler.draws_per_rank < draws_per_step:
+        raise ValueError(f"{train_set.root}: split '{train_set.split}' has {len(train_set)} images, fewer than "
+                         f"trainer.batch_size * trainer.grad_accum = {draws_per_step}"
+                         + (f" per rank ({sampler.world_size} ranks)" if sampler.world_size > 1 else ""))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+        collate_fn=PadCollate(ds.ignore_index), drop_last=True)
+    val_loader = eval_loader(data.val_set, ds, workers, pin)
+    return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
+
+
+# ---------------------------------------------------------------- model, loss, optimizer
+
+
+def build_model(model_cfg: DictConfig) -> torch.nn.Module:
+    """The model class ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``)."""
+    options = OmegaConf.to_container(model_cfg, resolve=True)
+    for key in MODEL_TRAINING_KEYS:
+        options.pop(key, None)
+    return instantiate(options)
+
+
+def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    model = model.to(rt.device)
+    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+
+
+def build_loss_fn(cfg: DictConfig, class_weights, device: torch.device) -> CompositeLoss:
+    ds = cfg.dataset
+    return build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index).to(device)
+
+
+def build_parts(cfg: DictConfig, model: torch.nn.Module, rt: Runtime, total_steps: int) -> TrainParts:
+    """Optimizer (weight decay on conv/linear weights only), per-step LR schedule, GradScaler (fp16 only)."""
+    optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    return TrainParts(model, optimizer, scheduler, scaler)

@@ -1,0 +1,43 @@
+"""Where the Hydra configs live, and composing them outside a Hydra app.
+
+Entry points other than ``python -m segtrain`` (evaluate, scripts, tests) compose the same
+``configs/train.yaml``; a checkpoint stores its run's resolved config and command-line
+overrides, and ``apply_overrides`` replaces only what new overrides name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+# An absolute path: Hydra resolves a relative one against the calling module, which breaks when
+# a module is imported (the `segtrain` console script, a wrapper script under torchrun).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """The config ``python -m segtrain <overrides>`` would run with (hydra.* keys left out)."""
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or a test's compose context
+        return compose(config_name=config_name, overrides=list(overrides or []))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def apply_overrides(saved: DictConfig, saved_overrides: list[str], overrides: list[str]) -> DictConfig:
+    """``saved`` with the keys and groups named by ``overrides`` taken from a fresh composition
+    of the training command's overrides followed by these ones; everything else stays as saved."""
+    if not overrides:
+        return saved
+    parser = OverridesParser.create()
+    named = {o.key_or_group for o in parser.parse_overrides(overrides)}
+    kept = [o.input_line for o in parser.parse_overrides(saved_overrides)
+            if o.key_or_group not in named and not o.key_or_group.startswith("hydra")]
+    fresh = compose_config(kept + overrides)
+    merged = saved.copy()
+    for key in sorted(named):
+        OmegaConf.update(merged, key, OmegaConf.select(fresh, key), merge=False)
+    return merged

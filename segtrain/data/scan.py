@@ -1,0 +1,248 @@
+"""One pass over the pairs of a split: per-image class counts, every file checked, one cache.
+
+Each pair is read once: the mask is decoded (label mapping applied) and counted, the image's
+size is read from its file header (its pixels are not decoded) and compared with the mask's,
+and labels outside the classes are found. The result is an (N, C) int64 matrix, the pixels of
+each class in each image; the class statistics (``ClassStats.from_counts``), the repeat
+factors of repeat-factor sampling and the rare-class crop frequencies all derive from it.
+
+Training stops at the first problem, before its first step; ``check_split`` (for
+``scripts/check_dataset.py``) runs the same per-pair routine and collects every problem.
+Decoding is the slow part, so ``num_workers > 0`` runs the routine in DataLoader workers and
+only a (C,) vector per pair crosses process boundaries.
+
+The matrix is cached under ``<root>/.segtrain/``, keyed by a fingerprint of the mask and image
+files (relative path, size, mtime_ns) and of every argument that changes the counts. A pass
+that met a problem caches nothing, so a cache hit also means that every pair was fine.
+
+A *mask source* is a FolderDataset, or any object with ``root``, ``mask_paths`` and
+``load_mask(index)`` (optionally ``image_paths`` and ``label_mapping``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segtrain.data.folder import image_size, size_mismatch_error
+from segtrain.data.masks import bad_label_message, count_labels
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever the counting rules or the file layout change, so old caches are not reused.
+_CACHE_VERSION = 2
+
+
+@dataclass
+class PairScan:
+    counts: np.ndarray | None  # (C,) pixels of each class; None when the pair has a problem
+    problems: list[Exception]  # each names its file
+
+
+def _read_labels(source: Any, index: int) -> np.ndarray:
+    decoder = getattr(source, "decoder", None)
+    if decoder is not None:  # a dataset: mapped labels, before the label check (done here)
+        return decoder.decode(source.mask_paths[index])
+    return np.asarray(source.load_mask(index))
+
+
+def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | None) -> PairScan:
+    """The class counts of pair ``index`` and its problems: an unreadable image or mask, a mask
+    whose size differs from its image's, labels outside the classes (unless the source's
+    ``on_bad_label`` is ``ignore``)."""
+    mask_path, problems = source.mask_paths[index], []
+    image_paths = getattr(source, "image_paths", None)
+    image_hw = None
+    if image_paths is not None:
+        try:
+            image_hw = image_size(image_paths[index])
+        except OSError as err:
+            problems.append(err)
+    try:
+        mask = _read_labels(source, index)
+        counts, bad = count_labels(mask, num_classes, ignore_index)
+    except (OSError, ValueError) as err:
+        return PairScan(None, problems + [err])
+    except TypeError as err:  # not integer labels
+        return PairScan(None, problems + [TypeError(f"{mask_path}: {err}")])
+    if image_hw is not None and image_hw != mask.shape:
+        problems.append(size_mismatch_error(mask_path, mask.shape, image_paths[index], image_hw))
+    decoder = getattr(source, "decoder", None)
+    if bad and getattr(decoder, "on_bad_label", "error") == "error":
+        problems.append(ValueError(bad_label_message(mask_path, bad, num_classes, ignore_index)))
+    return PairScan(None if problems else counts, problems)
+
+
+class _PairScans(torch.utils.data.Dataset):
+    """``scan_pair`` in a DataLoader worker: only the small result is sent back."""
+
+    def __init__(self, source: Any, num_classes: int, ignore_index: int | None) -> None:
+        self.source, self.num_classes, self.ignore_index = source, num_classes, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.source.mask_paths)
+
+    def __getitem__(self, index: int) -> PairScan:
+        return scan_pair(self.source, index, self.num_classes, self.ignore_index)
+
+
+def _keep_as_is(item: Any) -> Any:
+    # Module-level (not a lambda) so that spawn/forkserver workers can pickle it.
+    return item
+
+
+def iter_scans(source: Any, num_classes: int, ignore_index: int | None, num_workers: int = 0) -> Iterator[PairScan]:
+    """``scan_pair`` of every pair, in order."""
+    scans = _PairScans(source, num_classes, ignore_index)
+    if num_workers == 0:
+        yield from (scans[i] for i in range(len(scans)))
+        return
+    # The loader's iterator lives only in this frame, so closing this generator ends the
+    # workers at once instead of whenever a traceback holding it is collected.
+    yield from torch.utils.data.DataLoader(scans, batch_size=None, shuffle=False, num_workers=num_workers,
+                                           collate_fn=_keep_as_is)
+
+
+def as_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = operator.index(value)  # accepts numpy integers, refuses 2.0 and "2"
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return number
+
+
+def is_mask_source(source: Any) -> bool:
+    return all(hasattr(source, name) for name in ("mask_paths", "root")) and (
+        hasattr(source, "decoder") or hasattr(source, "load_mask"))
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-able form of a label mapping that is equal for equal mappings, whatever their order."""
+    if isinstance(value, Mapping):
+        pairs = [(_canonical(k), _canonical(v)) for k, v in value.items()]
+        return sorted(([k, v] for k, v in pairs), key=lambda kv: json.dumps(kv[0], sort_keys=True))
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _file_entries(paths: Iterable[Path], root: Path, what: str) -> list[list]:
+    entries = []
+    for path in map(Path, paths):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: {what} file listed by the dataset does not exist") from None
+        try:
+            name = path.relative_to(root).as_posix()
+        except ValueError:  # files outside the root: the absolute path still identifies them
+            name = path.resolve().as_posix()
+        entries.append([name, st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def _fingerprint(source: Any, num_classes: int, ignore_index: int | None) -> str:
+    root = Path(source.root)
+    key = {
+        "version": _CACHE_VERSION,
+        "num_classes": num_classes,
+        "ignore_index": ignore_index,
+        "label_mapping": _canonical(getattr(source, "label_mapping", None)),
+        "on_bad_label": getattr(getattr(source, "decoder", None), "on_bad_label", "error"),
+        # In pair order: a row of the matrix belongs to one pair.
+        "masks": _file_entries(source.mask_paths, root, "mask"),
+        "images": _file_entries(getattr(source, "image_paths", None) or [], root, "image"),
+    }
+    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
+
+
+def counts_cache_file(source: Any, num_classes: int, ignore_index: int | None = 255) -> Path:
+    """The file in which ``image_class_counts`` caches the matrix of ``source`` (it may not exist).
+
+    Only the files' metadata is read, no mask.
+    """
+    if not is_mask_source(source):
+        raise TypeError(f"the class-count cache needs a mask source (root, mask_paths, load_mask), "
+                        f"got {type(source).__name__}")
+    fingerprint = _fingerprint(source, as_int("num_classes", num_classes, 1), ignore_index)
+    return Path(source.root) / ".segtrain" / f"class_counts-{fingerprint[:16]}.npz"
+
+
+def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != fingerprint:
+                raise ValueError("fingerprint does not match")
+            counts = data["counts"].astype(np.int64, copy=False)
+        if counts.shape != shape:
+            raise ValueError(f"shape {counts.shape}, expected {shape}")
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        log.warning("%s: ignoring unreadable class-count cache (%s); recomputing", path, err)
+        return None
+    return counts
+
+
+def _write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
+    # A unique temporary name: several DDP ranks may write the same cache at once.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=counts, fingerprint=np.array(fingerprint))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only dataset must not stop training
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: could not write the class-count cache (%s)", path, err)
+
+
+def read_cached_counts(source: Any, num_classes: int, ignore_index: int | None = 255) -> np.ndarray | None:
+    """The matrix ``image_class_counts`` would read from its cache, or None on a miss (no mask read)."""
+    path = counts_cache_file(source, num_classes, ignore_index)
+    fingerprint = _fingerprint(source, num_classes, ignore_index)
+    return _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
+
+
+def image_class_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
+                       cache: bool = True) -> np.ndarray:
+    """(N, C) int64: pixels of each class in each pair of the mask source, every pair checked.
+
+    Raises the first problem found (the error names the file); see ``scan_pair``.
+    """
+    num_classes, num_workers = as_int("num_classes", num_classes, 1), as_int("num_workers", num_workers, 0)
+    path = counts_cache_file(source, num_classes, ignore_index) if cache else None
+    if path is not None:
+        fingerprint = _fingerprint(source, num_classes, ignore_index)
+        counts = _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
+        if counts is not None:
+            log.info("class counts of %d masks read from %s", len(counts), path)
+            return counts
+    log.info("reading %d masks: class counts and pair checks", len(source.mask_paths))
+    rows = []
+    scans = iter_scans(source, num_classes, ignore_index, num_workers)
+    for scan in scans:
+        if scan.problems:
+            scans.close()  # stop DataLoader workers before raising
+            raise scan.problems[0]
+        rows.append(scan.counts)
+    counts = np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int64)
+    if path is not None:
+        _write_cache(path, fingerprint, counts)
+    return counts

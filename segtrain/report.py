@@ -1,0 +1,75 @@
+"""What a finished run reports: the HParams row, the weights digests, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from segtrain import distributed
+
+log = logging.getLogger(__name__)
+
+
+def hparams_of(cfg: DictConfig, amp: torch.dtype | None) -> dict:
+    """The run's main choices, as one row of TensorBoard's HParams table."""
+    params = {
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "encoder": str(cfg.model.get("encoder")),
+        "dataset": cfg.dataset.name,
+        "loss": "+".join(cfg.loss.terms),
+        "weights": cfg.weights.strategy,
+        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+        "lr": cfg.optimizer.lr,
+        "scheduler": cfg.scheduler.name,
+        "batch_size": cfg.trainer.batch_size,
+        "epochs": cfg.trainer.epochs,
+        "amp": str(amp).replace("torch.", "") if amp else "none",
+        "seed": cfg.seed,
+    }
+    for term, options in cfg.loss.terms.items():
+        for key, value in (options or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                params[f"loss/{term}/{key}"] = value
+    return params
+
+
+def hparams_metrics(final: dict[str, float], best: dict[str, float]) -> dict[str, float]:
+    """The HParams row's metric columns: ``hparam/final/val/...`` and ``hparam/best/val/...``."""
+    metrics = {f"hparam/final/{k}": v for k, v in final.items() if k.startswith("val/")}
+    metrics.update({f"hparam/best/{k}": v for k, v in best.items() if k.startswith("val/")})
+    return metrics
+
+
+def gather_digests(model: torch.nn.Module) -> list[str]:
+    """Every rank's parameter SHA-256 (DDP keeps them equal by construction; this shows it)."""
+    digests = distributed.all_gather_objects(distributed.parameters_digest(model))
+    if len(set(digests)) > 1:
+        log.error("the ranks' weights differ after training (parameter SHA-256 per rank: %s)", digests)
+    return digests
+
+
+def write_metrics_json(path: Path, cfg: DictConfig, class_names: list[str], stats, class_weights: torch.Tensor,
+                       final: dict[str, float], state, wall_time_s: float, digests: list[str]) -> None:
+    """metrics.json: final and best metrics, the class weights used and the data they came from."""
+    summary: dict[str, Any] = {
+        "class_names": class_names,
+        "class_weights": class_weights.tolist(),
+        "class_pixel_share": stats.frequency.tolist(),
+        "weights_strategy": cfg.weights.strategy,
+        "monitor": cfg.trainer.monitor,
+        "final": final,
+        "best": state.best_metrics,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "wall_time_s": wall_time_s,
+        "train_time_s": state.train_seconds,
+        "images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
+        "world_size": distributed.world_size(),
+        "parameters_sha256": digests,  # one per rank
+    }
+    path.write_text(json.dumps(summary, indent=2, allow_nan=True))
