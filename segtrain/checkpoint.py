@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from segtrain.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,9 @@ class TrainState:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` through a temporary file in the same directory.
-
-    ``os.replace`` is atomic on POSIX, so a crash mid-write leaves the previous checkpoint intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``state`` to ``path`` atomically (``segtrain.atomic``), flushed to disk first: a crash
+    mid-write leaves the previous checkpoint intact."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,4 +1,6 @@
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +40,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert load_checkpoint(path) == {"step": 1}
 
     def broken_save(obj, f):
-        f.write(b"partial")
+        Path(f).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -47,6 +49,10 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+    # The usual permissions, not the temporary file's 0600: a shared run directory stays readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_load_refuses_pickled_objects_and_names_the_file(tmp_path):

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import operator
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segtrain.atomic import atomic_write
 from segtrain.data.folder import image_size, size_mismatch_error
 from segtrain.data.masks import bad_label_message, count_labels
 
@@ -201,15 +201,13 @@ def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndar
 
 
 def _write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
-    # A unique temporary name: several DDP ranks may write the same cache at once.
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, counts=counts, fingerprint=np.array(fingerprint))
-        os.replace(tmp, path)
+
+    try:  # a unique temporary file: several DDP ranks may write the same cache at once
+        atomic_write(path, write)
     except OSError as err:  # a read-only dataset must not stop training
-        tmp.unlink(missing_ok=True)
         log.warning("%s: could not write the class-count cache (%s)", path, err)
 
 
