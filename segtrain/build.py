@@ -28,6 +28,7 @@ from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
 from segtrain.engine import Runtime, TrainParts
 from segtrain.errors import check_choice, choice_message
+from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
 from segtrain.metrics import ConfusionMatrix, flatten_metrics
 from segtrain.optim import param_groups
@@ -43,6 +44,14 @@ MODEL_TRAINING_KEYS = ("sync_bn",)
 # ---------------------------------------------------------------- runtime
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs that compute in bf16 natively. (``torch.ops.mkldnn.
+    _is_mkldnn_bf16_supported()`` is also true on plain AVX-512, where bf16 is emulated: half the
+    speed of fp32 there, docs/BENCHMARKS.md.)"""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with native bf16 units),
     else fp16 on CUDA and full precision on CPU, where emulated bf16 is slower than fp32."""
@@ -51,7 +60,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+            amp = "bf16" if cpu_has_native_bf16() else "none"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
@@ -59,6 +68,25 @@ def build_runtime(tr: DictConfig) -> Runtime:
     """Device (``auto``: CUDA when present; under DDP the local rank's GPU), precision, memory layout."""
     device = distributed.device_for(tr.device)
     return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
+
+
+def inference_options(cfg: DictConfig, device: torch.device) -> InferenceOptions:
+    """``cfg.inference`` (defaults where a checkpoint's older config lacks a key) for ``device``."""
+    inf = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "inference" / "default.yaml"), cfg.get("inference") or {})
+    ds = cfg.dataset
+    tile = inf.tile if inf.tile is not None else (ds.get("augment") or {}).get("crop_size") or 512
+    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    allowed = ds.get("tta_flips")
+    if allowed is None:  # configs from before dataset.tta_flips: the flips training augmented with
+        allowed = [f for f, key in (("h", "hflip"), ("v", "vflip")) if (ds.get("augment") or {}).get(key)]
+    for flip in inf.tta.flips:
+        if flip not in allowed:
+            raise ValueError(choice_message("inference.tta.flips", list(inf.tta.flips), allowed,
+                                            f"has {flip!r}, which dataset.tta_flips does not allow"))
+    amp = (cfg.trainer.amp if device.type == "cuda" else "none") if inf.amp == "checkpoint" else inf.amp
+    return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
+                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), resolve_amp(amp, device),
+                            float(inf.threshold))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from segtrain import distributed
 from segtrain.checkpoint import TrainState, save_checkpoint, training_payload
 from segtrain.errors import choice_message
+from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
 
@@ -93,6 +94,7 @@ class FitOptions:
     monitor_mode: str = "max"
     progress: bool = True
     num_samples: int = 4  # validation images drawn as overlays at every evaluation
+    inference: InferenceOptions | None = None  # how validation predicts; None: one whole-image pass
 
 
 @dataclass
@@ -159,9 +161,10 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
-             num_samples: int = 0) -> Evaluation:
+             num_samples: int = 0, inference: InferenceOptions | None = None) -> Evaluation:
     """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
-    loss per batch, and the first ``num_samples`` images with their predictions."""
+    loss per batch, and the first ``num_samples`` images with their predictions. ``inference``
+    (sliding windows, test-time augmentation) scores the log of its blended probabilities."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device=rt.device)
     loss_sum, batches = torch.zeros((), device=rt.device), 0
@@ -169,7 +172,7 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
-            logits = model(images)
+            logits = model(images) if inference is None or inference.plain else infer_batch(model, images, inference)
             if logits.shape[-2:] != masks.shape[-2:]:  # dataset.val_resize=<int>: score at the mask's resolution
                 logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear",
                                                          align_corners=False)
@@ -196,7 +199,7 @@ def _improved(score: float, best: float | None, mode: str) -> bool:
 def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime, state: TrainState,
                             opts: FitOptions, out: RunOutput) -> dict[str, float]:
     result = evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
-                      opts.num_samples if out.logger is not None else 0)
+                      opts.num_samples if out.logger is not None else 0, opts.inference)
     final = flatten_metrics(result.metrics, opts.class_names, "val")
     log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
              format_table(result.metrics, opts.class_names))
@@ -240,5 +243,6 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             break
     if not final:  # resumed from a finished run: nothing left to train, still report
         final = flatten_metrics(evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names),
-                                         opts.ignore_index).metrics, opts.class_names, "val")
+                                         opts.ignore_index, inference=opts.inference).metrics, opts.class_names,
+                                "val")
     return final

@@ -3,11 +3,14 @@
 The run's own config comes from the checkpoint. Overrides use the training command's syntax
 and replace only what they name: ``dataset=folder dataset.root=/data/other`` swaps the dataset
 and keeps the model, loss and class weights the checkpoint was trained with;
-``dataset.split=test`` scores another split.
+``dataset.split=test`` scores another split; ``inference.mode=slide inference.tile=512``
+scores it the way ``python -m segtrain.predict`` predicts (sliding windows, test-time flips and
+scales: see configs/inference/default.yaml).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -16,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain.build import (build_loss_fn, build_model, build_runtime, class_names_of, eval_loader, eval_split,
-                            place_model, resolve_num_workers)
+                            inference_options, place_model, resolve_num_workers)
 from segtrain.checkpoint import SavedModel, read_for_inference
 from segtrain.config import apply_overrides
 from segtrain.engine import evaluate
@@ -43,7 +46,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) ->
     model.load_state_dict(saved.weights)
     model = place_model(model, rt)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
-    result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index)
+    inference = dataclasses.replace(inference_options(cfg, rt.device), amp_dtype=rt.amp_dtype)
+    result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
+                      inference=inference)
     return result.metrics, class_names
 
 

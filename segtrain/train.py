@@ -6,6 +6,7 @@ the run's, and only rank 0 writes into it (config, logs, TensorBoard, checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
 from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, build_runtime,
-                            check_monitor, class_names_of, place_model, resolve_num_workers, seed_everything,
-                            weights_column_options)
+                            check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
+                            seed_everything, weights_column_options)
 from segtrain.checkpoint import TrainState, resolve_resume, restore_training
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, RunOutput, fit
@@ -26,13 +27,15 @@ from segtrain.weights import compute_class_weights, weights_table
 log = logging.getLogger(__name__)
 
 
-def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int) -> FitOptions:
+def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, rt) -> FitOptions:
     tr = cfg.trainer
+    # Validation predicts as configured in inference.*, in the training run's precision.
+    inference = dataclasses.replace(inference_options(cfg, rt.device), amp_dtype=rt.amp_dtype)
     return FitOptions(
         epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
         log_every=tr.log_every, eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor,
-        monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples)
+        monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference)
 
 
 def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) -> None:
@@ -94,8 +97,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     out = RunOutput(run_dir / "checkpoints" if main_process else None, logger, meta)
     start = time.perf_counter()
     try:
-        final = fit(parts, train_loader, val_loader, loss_fn, rt, state, _fit_options(cfg, class_names,
-                                                                                    steps_per_epoch), out)
+        final = fit(parts, train_loader, val_loader, loss_fn, rt, state,
+                    _fit_options(cfg, class_names, steps_per_epoch, rt), out)
         if logger is not None:
             logger.hparams(hparams_of(cfg, rt.amp_dtype), hparams_metrics(final, state.best_metrics))
             logger.text("data/class_statistics", table, state.step)

@@ -50,12 +50,14 @@ def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def _legend(width: int, class_names: Sequence[str], palette: np.ndarray) -> Image.Image:
+def legend(width: int, class_names: Sequence[str], palette: np.ndarray, with_ignore: bool = True) -> Image.Image:
+    """A strip of colour swatches with the class names, wrapped to ``width`` pixels."""
     font = _font(12)
     row_h, x, y = 18, 6, 4
     strip = Image.new("RGB", (width, row_h + 8), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for name, colour in [*zip(class_names, map(tuple, palette.tolist())), ("ignore", IGNORE_COLOUR)]:
+    entries = [*zip(class_names, map(tuple, palette.tolist()))] + ([("ignore", IGNORE_COLOUR)] if with_ignore else [])
+    for name, colour in entries:
         text_w = int(draw.textlength(name, font=font))
         if x + 18 + text_w > width and x > 6:  # wrap
             strip = _grow(strip, row_h)
@@ -83,10 +85,10 @@ def overlay_panel(image: np.ndarray, target: np.ndarray, pred: np.ndarray, class
     row = np.concatenate([image, blend(gt), blend(pr)], axis=1)  # (H, 3W, 3)
     scale = max(1, int(np.ceil(min_side / image.shape[0])))
     panel = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
-    legend = _legend(panel.width, class_names, palette)
-    out = Image.new("RGB", (panel.width, panel.height + legend.height), (255, 255, 255))
+    strip = legend(panel.width, class_names, palette)
+    out = Image.new("RGB", (panel.width, panel.height + strip.height), (255, 255, 255))
     out.paste(panel, (0, 0))
-    out.paste(legend, (0, panel.height))
+    out.paste(strip, (0, panel.height))
     return np.asarray(out)
 
 

@@ -10,9 +10,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segtrain.build import build_data, build_model
+from segtrain.build import build_data, build_model, inference_options
 from segtrain.checkpoint import load_checkpoint
-from segtrain.config import CONFIG_DIR
+from segtrain.config import CONFIG_DIR, compose_config
 from segtrain.optim import param_groups
 from segtrain.train import train
 
@@ -29,6 +29,7 @@ def test_every_group_has_its_first_members():
     assert {"poly", "cosine", "none"} <= set(_options("scheduler"))
     assert {"default"} <= set(_options("trainer"))
     assert {"fast"} <= set(_options("debug"))
+    assert {"default"} <= set(_options("inference"))
     assert _options("experiment")
 
 
@@ -59,6 +60,14 @@ def test_dataset_configs_build(compose_cfg, tmp_path, fast_overrides):
     cfg = compose_cfg(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.num_classes=3"])
     image, mask = build_data(cfg.dataset).train_set[0]
     assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
+
+
+def test_inference_config_builds_options(compose_cfg):
+    options = inference_options(compose_cfg(["inference.mode=slide", "dataset.augment.crop_size=[96,128]"]),
+                                torch.device("cpu"))
+    assert options.mode == "slide" and options.tile == (96, 128) and options.amp_dtype is None
+    assert inference_options(compose_cfg([]), torch.device("cpu")).tile == (512, 512)  # no crop: 512
+    assert compose_config([], config_name="predict").save.color is True
 
 
 def test_debug_config_applies(compose_cfg):

@@ -164,8 +164,12 @@ def test_gradient_accumulation_matches_one_large_batch():
 def test_amp_auto_follows_the_hardware(monkeypatch, cuda_bf16):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
     assert resolve_amp("auto", torch.device("cuda")) is (torch.bfloat16 if cuda_bf16 else torch.float16)
-    for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+    # CPUs: bf16 only with AVX512-BF16 or AMX; plain AVX-512 (mkldnn's own check says yes) emulates it.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_amp("auto", torch.device("cpu")) is expected
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("none", None)):
         assert resolve_amp(name, torch.device("cpu")) is dtype and resolve_amp(name, torch.device("cuda")) is dtype

@@ -27,12 +27,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 __all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "image_size", "read_image", "read_mask", "size_mismatch_error"]
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, channels: int = 3) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, writable; ``channels=1`` gives (H, W, 1) grey, any other count the
+    file's own channels, which must then be that many."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # (H, W, 3) uint8, writable
+            if channels in (1, 3):
+                return np.array(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, -1)
+            array = np.array(img)
     except OSError as err:
         raise OSError(f"{path}: cannot read image ({err})") from err
+    array = array.reshape(*array.shape[:2], -1)
+    if array.shape[-1] != channels:
+        raise ValueError(f"{path}: an image of {array.shape[-1]} channels; the model takes {channels} "
+                         "(model.in_channels)")
+    return array
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -17,6 +17,22 @@ CLASS_NAMES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 
+
+
+def voc_palette(num_classes: int = len(CLASS_NAMES)) -> list[tuple[int, int, int]]:
+    """The colours of VOC's own palette PNGs: the bits of the class index spread over r, g, b
+    from the most significant bit down (0 black, 1 (128, 0, 0), 2 (0, 128, 0), ...)."""
+    colours = []
+    for index in range(num_classes):
+        rgb, value = [0, 0, 0], index
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << bit
+            value >>= 3
+        colours.append(tuple(rgb))
+    return colours
+
+
 LAYOUT = {
     "image_dir": "JPEGImages",
     "mask_dir": "SegmentationClass",

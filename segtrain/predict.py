@@ -1,0 +1,209 @@
+"""``python -m segtrain.predict checkpoint=<path> input=<...> output=<folder> [overrides]``: masks for new images.
+
+    python -m segtrain.predict checkpoint=outputs/.../best.pt input=/data/new output=/data/pred
+    python -m segtrain.predict checkpoint=... input=big.tif output=pred/ inference.mode=slide inference.tile=512
+    python -m segtrain.predict checkpoint=... input=list.txt output=pred/ 'inference.tta.flips=[h]' \\
+        'inference.tta.scales=[0.75,1,1.25]' save.probabilities=true
+
+The model, its class names, normalisation and inference settings come from the checkpoint; no
+dataset is needed. ``inference.*`` and ``dataset.*`` overrides change the checkpoint's settings
+for this run; the other keys are configs/predict.yaml's. Each image gives ``<name>.png`` (class
+indices), ``<name>_color.png`` and, if asked, an overlay and its probabilities (``segtrain.writers``),
+named after the input with its sub-folders. Exit status 0 when every image was predicted, 1 when
+some were skipped (each named in the log), 2 when the run could not start or stopped on an error
+(``on_error=stop``), which is printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from segtrain import distributed
+from segtrain.build import build_model, class_names_of, eval_transform_of, inference_options
+from segtrain.checkpoint import read_for_inference
+from segtrain.config import apply_overrides, compose_config
+from segtrain.data import cityscapes
+from segtrain.data.folder import read_image
+from segtrain.data.inputs import check_output_dir, find_inputs
+from segtrain.data.palette import parse_palette
+from segtrain.data.voc import voc_palette
+from segtrain.errors import check_choice
+from segtrain.inference import InferenceOptions, labels_of, predict_probs
+from segtrain.visualize import class_palette
+from segtrain.writers import PredictionWriter
+
+log = logging.getLogger("segtrain.predict")
+# Keys that change the checkpoint's own config; every other key is configs/predict.yaml's.
+MODEL_KEYS = ("inference", "dataset")
+
+
+class Predictor:
+    """A checkpoint ready to segment images: its model on a device, its normalisation and options.
+
+        predictor = Predictor.from_checkpoint("outputs/.../best.pt", ["inference.mode=slide"])
+        probs = predictor(image)            # (H, W, C) uint8 -> (K, H, W) float32 probabilities
+        labels = predictor.labels(probs)    # (H, W) int64 class indices
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device):
+        self.model, self.cfg, self.options, self.device = model.eval(), cfg, options, device
+        self.class_names = class_names_of(cfg.dataset)
+        self.in_channels = int(cfg.model.get("in_channels", 3))
+        self.transform = eval_transform_of(cfg.dataset)
+        self.val_resize = cfg.dataset.get("val_resize")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
+        saved = read_for_inference(path)
+        cfg = apply_overrides(saved.config, saved.overrides, list(overrides or []))
+        target = distributed.device_for(device)
+        model = build_model(cfg.model)
+        model.load_state_dict(saved.weights)
+        return cls(model.to(target), cfg, inference_options(cfg, target), target)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The names of the mask's values: a one-channel model's are background and its class."""
+        return ["background", *self.class_names] if len(self.class_names) == 1 else self.class_names
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """(K, H, W) float32 probabilities of an (H, W, C) uint8 image, at the image's size."""
+        if image.ndim != 3 or image.shape[-1] != self.in_channels:
+            raise ValueError(f"image of shape {image.shape}: expected (H, W, {self.in_channels}) (model.in_channels)")
+        # Contiguous (C, H, W), as the evaluation loader's batches are: the same kernels, the same numbers.
+        x = torch.from_numpy(self.transform(image=image)["image"]).permute(2, 0, 1).contiguous().to(self.device)
+        probs = predict_probs(self.model, x, self.options)
+        height, width = image.shape[:2]
+        if probs.shape[-2:] != (height, width):
+            if isinstance(self.val_resize, int):  # dataset.val_resize=<int>: back to the image's size
+                probs = torch.nn.functional.interpolate(probs[None], size=(height, width), mode="bilinear",
+                                                        align_corners=False)[0]
+            else:  # pad32: the padding is cut off
+                probs = probs[:, :height, :width]
+        return probs
+
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
+        return labels_of(probs, self.options.threshold)
+
+
+def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
+    """The dataset's colours (its dataset.palette, VOC's or Cityscapes'), else a distinct-colour palette."""
+    ds = cfg.dataset
+    colours = [tuple(c) for c in class_palette(num_labels).tolist()]
+    if ds.get("palette") is not None:
+        by_class = {cls: colour for colour, cls in parse_palette(ds.palette, ds.num_classes, ds.ignore_index).items()}
+        colours = [by_class.get(c, colours[c]) for c in range(num_labels)]
+    elif ds.get("layout") == "voc":
+        colours = voc_palette(num_labels)
+    elif ds.get("layout") == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
+        colours = list(cityscapes.PALETTE[:num_labels])
+    return np.array(colours, dtype=np.uint8)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(the checkpoint config's overrides, configs/predict.yaml's)."""
+    model, run = [], []
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        (model if parsed.key_or_group.split(".")[0].lstrip("+~") in MODEL_KEYS else run).append(line)
+    return model, run
+
+
+@dataclass
+class Summary:
+    predicted: int = 0
+    skipped: int = 0  # unreadable or wrong images, named in the log
+    existing: int = 0  # outputs already there (save.skip_existing)
+    seconds: float = 0.0
+    pixels: np.ndarray | None = None  # per predicted label
+
+    def line(self, output: Path) -> str:
+        speed = self.predicted / self.seconds if self.seconds else 0.0
+        return (f"{self.predicted} images predicted, {self.skipped} skipped, {self.existing} already done, "
+                f"{speed:.2f} images/s; outputs in {output}")
+
+
+def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
+    """Every input of ``pcfg.input`` through ``predictor`` into ``pcfg.output``."""
+    check_choice("on_error", pcfg.on_error, ("auto", "skip", "stop"))
+    images, base = find_inputs(pcfg.input)
+    output = Path(pcfg.output).expanduser()
+    check_output_dir(output, base, pcfg.input)
+    single = len(images) == 1 and Path(pcfg.input).is_file() and not str(pcfg.input).endswith((".txt", ".lst"))
+    on_error = ("stop" if single else "skip") if pcfg.on_error == "auto" else pcfg.on_error
+    kinds = [kind for kind in ("color", "overlay", "probabilities") if pcfg.save.get(kind)]
+    names = predictor.label_names
+    writer = PredictionWriter(output, names, palette_for(predictor.cfg, len(names)), kinds)
+    writer.write_legend()
+    summary = Summary(pixels=np.zeros(len(names), dtype=np.int64))
+    start = time.perf_counter()
+    for item in tqdm(images, desc="predict", unit="img", disable=not pcfg.progress, dynamic_ncols=True):
+        if pcfg.save.skip_existing and writer.done(item.key):
+            summary.existing += 1
+            continue
+        try:
+            image = read_image(item.path, predictor.in_channels)
+        except (OSError, ValueError) as err:
+            if on_error == "stop":
+                raise
+            log.warning("skipped %s", err)
+            summary.skipped += 1
+            continue
+        probs = predictor(image)
+        labels = predictor.labels(probs).cpu().numpy()
+        writer.write(item.key, image, labels, probs.cpu().numpy() if "probabilities" in kinds else None)
+        summary.pixels += np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
+        summary.predicted += 1
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _share_table(names: list[str], pixels: np.ndarray) -> str:
+    total = max(int(pixels.sum()), 1)
+    width = max(len("class"), *(len(n) for n in names))
+    return "\n".join([f"{'class':<{width}}  {'pixels':>12}  {'share':>7}"] +
+                     [f"{n:<{width}}  {int(p):>12}  {p / total:>7.2%}" for n, p in zip(names, pixels)])
+
+
+USAGE = "usage: python -m segtrain.predict checkpoint=<path> input=<image|folder|glob|list> output=<folder> [key=value ...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        model_overrides, run_overrides = split_overrides(argv)
+        pcfg = compose_config(run_overrides, config_name="predict")
+        missing = [key for key in ("checkpoint", "input", "output") if OmegaConf.is_missing(pcfg, key)]
+        if missing:
+            print(f"{USAGE}\nmissing: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        predictor = Predictor.from_checkpoint(pcfg.checkpoint, model_overrides, pcfg.device)
+        o = predictor.options
+        tiles = f" {o.tile[0]}x{o.tile[1]} windows, overlap {o.overlap}, {o.blend} blend, {o.batch_size} per batch"
+        log.info("%s on %s: %s%s, flips %s, scales %s, amp %s", pcfg.checkpoint, predictor.device, o.mode,
+                 tiles if o.mode == "slide" else "", list(o.flips) or "none", list(o.scales), o.amp_dtype or "none")
+        summary = predict_folder(predictor, pcfg)
+    except (OSError, ValueError, RuntimeError, HydraException, OmegaConfBaseException) as err:
+        # Each of these names the file, key or value at fault; a traceback would only bury it.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary.line(Path(pcfg.output)))
+    if summary.predicted:
+        print("predicted pixels per class:\n" + _share_table(predictor.label_names, summary.pixels))
+    return 1 if summary.skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

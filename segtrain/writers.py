@@ -1,0 +1,84 @@
+"""Prediction files, each written atomically (a temporary file in the same folder, then a rename),
+so an interrupted run never leaves a half-written mask behind.
+
+    <key>.png          index mask: one class index per pixel, uint8 (uint16 above 256 classes)
+    <key>_color.png    the same mask with the class colours (a palette PNG up to 256 classes)
+    <key>_overlay.jpg  the image with the colours blended over it
+    <key>_prob.npz     float16 (K, H, W) probabilities, and the class names
+    legend.png         the colours and class names, once per output folder
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segtrain.atomic import atomic_write
+from segtrain.visualize import legend
+
+SUFFIXES = {"mask": ".png", "color": "_color.png", "overlay": "_overlay.jpg", "probabilities": "_prob.npz"}
+
+
+def index_image(labels: np.ndarray, num_labels: int) -> Image.Image:
+    """An index PNG of the labels: mode L (uint8) up to 256 labels, I;16 (uint16) above."""
+    return Image.fromarray(labels.astype(np.uint8 if num_labels <= 256 else np.uint16))  # L or I;16
+
+
+def color_image(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """A palette PNG (its pixels are the indices, so it reads back as a mask) up to 256 colours, RGB above."""
+    if len(palette) <= 256:
+        image = Image.fromarray(labels.astype(np.uint8))  # mode L; a palette makes it P
+        image.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
+        return image
+    return Image.fromarray(palette[labels])
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+    blended = alpha * palette[labels].astype(np.float32) + (1 - alpha) * rgb.astype(np.float32)
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+class PredictionWriter:
+    """Writes the files of one output folder; ``kinds`` among ``SUFFIXES`` (the mask always)."""
+
+    def __init__(self, root: Path, class_names: Sequence[str], palette: np.ndarray, kinds: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.class_names = list(class_names)
+        self.palette = np.asarray(palette, dtype=np.uint8)
+        self.kinds = ["mask", *(k for k in kinds if k != "mask")]
+        for kind in self.kinds:
+            if kind not in SUFFIXES:
+                raise ValueError(f"unknown output kind {kind!r}; valid: {', '.join(SUFFIXES)}")
+
+    def paths(self, key: str) -> dict[str, Path]:
+        return {kind: self.root / f"{key}{SUFFIXES[kind]}" for kind in self.kinds}
+
+    def done(self, key: str) -> bool:
+        """Whether every output of ``key`` exists (for resuming an interrupted folder run)."""
+        return all(path.is_file() for path in self.paths(key).values())
+
+    def write_legend(self) -> Path:
+        strip = legend(360, self.class_names, self.palette, with_ignore=False)
+        return atomic_write(self.root / "legend.png", lambda tmp: strip.save(tmp, format="PNG"))
+
+    def write(self, key: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """``labels`` (H, W) int; ``probs`` (K, H, W) when the probabilities are kept. The mask is
+        written last: its presence means the other files of the image are complete."""
+        paths = self.paths(key)
+        for kind, path in paths.items():
+            if kind == "color":
+                atomic_write(path, lambda tmp: color_image(labels, self.palette).save(tmp, format="PNG"))
+            elif kind == "overlay":
+                atomic_write(path, lambda tmp: overlay_image(image, labels, self.palette).save(tmp, format="JPEG",
+                                                                                               quality=90))
+            elif kind == "probabilities":
+                atomic_write(path, lambda tmp: self._save_probs(tmp, probs))
+        atomic_write(paths["mask"], lambda tmp: index_image(labels, len(self.palette)).save(tmp, format="PNG"))
+
+    def _save_probs(self, tmp: Path, probs: np.ndarray) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probabilities=probs.astype(np.float16), class_names=np.array(self.class_names))
