@@ -153,7 +153,7 @@ def sliding_window(probs_fn: ProbsFn, image: torch.Tensor, tile: Sequence[int], 
         probs = _flip_averaged(probs_fn, batch, flips).mul_(weight)  # (B, K, th, tw), weighted in place
         if out is None:
             out = _accumulator((probs.shape[1], height, width), out_device or image.device)
-        probs = probs.to(out.device, non_blocking=True)
+        probs = probs.to(out.device)
         for (y, x), p in zip(chunk, probs):
             out[:, y : y + th, x : x + tw] += p
     _divide_by_weights(out, ys, xs, weight)
