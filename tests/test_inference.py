@@ -149,3 +149,16 @@ def test_options_name_the_bad_key():
 def test_sliding_window_accumulates_on_the_requested_device():
     out = sliding_window(lambda b: b[:, :2].softmax(1), _image(30, 30), (16, 16), out_device=torch.device("cpu"))
     assert out.shape == (2, 30, 30) and out.device.type == "cpu"
+
+
+def test_a_buffer_that_does_not_fit_the_gpu_is_accumulated_on_the_cpu(monkeypatch, caplog):
+    """The fallback decision, without a GPU: the device reports too little free memory."""
+    import logging
+
+    from segtrain import inference
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 80 * 2**30))
+    with caplog.at_level(logging.INFO, logger="segtrain.inference"):
+        out = inference._accumulator((3, 100, 100), torch.device("cuda"))
+    assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (3, 100, 100)
+    assert "accumulating the 3x100x100 probabilities on the CPU" in caplog.text
