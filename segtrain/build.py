@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
+from segtrain.checkpoint import SavedModel
 from segtrain.config import CONFIG_DIR
 from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
                            pad_collate, train_transform)
@@ -70,8 +71,10 @@ def build_runtime(tr: DictConfig) -> Runtime:
     return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
 
 
-def inference_options(cfg: DictConfig, device: torch.device) -> InferenceOptions:
-    """``cfg.inference`` (defaults where a checkpoint's older config lacks a key) for ``device``."""
+def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None | str = "config"
+                      ) -> InferenceOptions:
+    """``cfg.inference`` (defaults where a checkpoint's older config lacks a key) for ``device``;
+    ``amp_dtype`` other than ``"config"`` replaces ``inference.amp`` (a run's own precision)."""
     inf = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "inference" / "default.yaml"), cfg.get("inference") or {})
     ds = cfg.dataset
     tile = inf.tile if inf.tile is not None else (ds.get("augment") or {}).get("crop_size") or 512
@@ -83,9 +86,11 @@ def inference_options(cfg: DictConfig, device: torch.device) -> InferenceOptions
         if flip not in allowed:
             raise ValueError(choice_message("inference.tta.flips", list(inf.tta.flips), allowed,
                                             f"has {flip!r}, which dataset.tta_flips does not allow"))
-    amp = (cfg.trainer.amp if device.type == "cuda" else "none") if inf.amp == "checkpoint" else inf.amp
+    if amp_dtype == "config":
+        amp = (cfg.trainer.amp if device.type == "cuda" else "none") if inf.amp == "checkpoint" else inf.amp
+        amp_dtype = resolve_amp(amp, device)
     return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
-                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), resolve_amp(amp, device),
+                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype,
                             float(inf.threshold))
 
 
@@ -261,6 +266,13 @@ def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     for key in MODEL_TRAINING_KEYS:
         options.pop(key, None)
     return instantiate(options)
+
+
+def model_from_checkpoint(saved: SavedModel, cfg: DictConfig) -> torch.nn.Module:
+    """``cfg.model`` with the checkpoint's weights, on the CPU."""
+    model = build_model(cfg.model)
+    model.load_state_dict(saved.weights)
+    return model
 
 
 def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.atomic import atomic_write
+from segtrain.config import apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ def restore_training(path: Path, parts, class_weights: torch.Tensor) -> TrainSta
 
 @dataclass
 class SavedModel:
-    """What evaluation, inference and export read from a checkpoint."""
+    """What evaluation, inference and export read from a checkpoint. The run's normalisation
+    (``config.dataset.mean``/``std``), palette and inference settings are in ``config``."""
 
     path: Path
     config: DictConfig  # the run's resolved config
@@ -128,29 +130,6 @@ class SavedModel:
     weights: dict[str, torch.Tensor]  # the model's state dict
     class_names: list[str]
     class_weights: torch.Tensor | None
-    train_state: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config.dataset.num_classes)
-
-    @property
-    def ignore_index(self) -> int:
-        return int(self.config.dataset.ignore_index)
-
-    @property
-    def mean(self) -> list[float]:
-        return list(self.config.dataset.mean)
-
-    @property
-    def std(self) -> list[float]:
-        return list(self.config.dataset.std)
-
-    @property
-    def palette(self) -> Any:
-        """``dataset.palette`` as configured (a list of colours or a colour mapping), or None."""
-        palette = self.config.dataset.get("palette")
-        return OmegaConf.to_container(palette) if OmegaConf.is_config(palette) else palette
 
 
 def read_for_inference(path: str | Path) -> SavedModel:
@@ -161,4 +140,10 @@ def read_for_inference(path: str | Path) -> SavedModel:
         raise ValueError(f"{path}: not a segtrain checkpoint (no {', '.join(missing)}); expected a "
                          "checkpoints/last.pt or best.pt written by python -m segtrain")
     return SavedModel(Path(path), OmegaConf.create(ckpt["config"]), list(ckpt.get("overrides", [])), ckpt["model"],
-                      list(ckpt["class_names"]), ckpt.get("class_weights"), ckpt.get("train_state", {}))
+                      list(ckpt["class_names"]), ckpt.get("class_weights"))
+
+
+def read_with_overrides(path: str | Path, overrides: list[str] | None = None) -> tuple[SavedModel, DictConfig]:
+    """The checkpoint, and its config with ``overrides`` applied (``config.apply_overrides``)."""
+    saved = read_for_inference(path)
+    return saved, apply_overrides(saved.config, saved.overrides, list(overrides or []))

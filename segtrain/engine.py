@@ -172,7 +172,7 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
-            logits = model(images) if inference is None or inference.plain else infer_batch(model, images, inference)
+            logits = model(images) if inference is None else infer_batch(model, images, inference)
             if logits.shape[-2:] != masks.shape[-2:]:  # dataset.val_resize=<int>: score at the mask's resolution
                 logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear",
                                                          align_corners=False)

@@ -10,45 +10,33 @@ scales: see configs/inference/default.yaml).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
 
-from segtrain.build import (build_loss_fn, build_model, build_runtime, class_names_of, eval_loader, eval_split,
-                            inference_options, place_model, resolve_num_workers)
-from segtrain.checkpoint import SavedModel, read_for_inference
-from segtrain.config import apply_overrides
+from segtrain.build import (build_loss_fn, build_runtime, class_names_of, eval_loader, eval_split, inference_options,
+                            model_from_checkpoint, place_model, resolve_num_workers)
+from segtrain.checkpoint import read_with_overrides
 from segtrain.engine import evaluate
 from segtrain.metrics import flatten_metrics, format_table
 
 USAGE = "usage: python -m segtrain.evaluate checkpoint=<path/to/last.pt> [key=value | group=option ...]"
 
 
-def evaluation_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SavedModel, DictConfig]:
-    """The checkpoint, and its config with ``overrides`` applied (what ``evaluate_checkpoint`` runs with)."""
-    saved = read_for_inference(path)
-    return saved, apply_overrides(saved.config, saved.overrides, overrides or [])
-
-
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, list[str]]:
     """Metrics of the checkpoint on the configured split: (ConfusionMatrix.compute() + loss, class names)."""
-    saved, cfg = evaluation_config(path, overrides)
+    saved, cfg = read_with_overrides(path, overrides)
     ds, tr = cfg.dataset, cfg.trainer
     class_names = class_names_of(ds)
     rt = build_runtime(tr)
     workers = resolve_num_workers(tr.num_workers, rt.device)
     split = eval_split(ds, ds.get("split") or ds.val_split, workers)
-    model = build_model(cfg.model)
-    model.load_state_dict(saved.weights)
-    model = place_model(model, rt)
+    model = place_model(model_from_checkpoint(saved, cfg), rt)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
-    inference = dataclasses.replace(inference_options(cfg, rt.device), amp_dtype=rt.amp_dtype)
     result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
-                      inference=inference)
+                      inference=inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype))
     return result.metrics, class_names
 
 

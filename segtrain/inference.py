@@ -219,6 +219,8 @@ def infer_batch(model: torch.nn.Module, images: torch.Tensor, options: Inference
     """Logits of a batch (N, C, H, W) as ``options`` predict them: the model's own for plain
     whole-image inference, else the log of each image's blended probabilities."""
     if options.plain:
-        with torch.autocast(images.device.type, dtype=options.amp_dtype, enabled=options.amp_dtype is not None):
+        if options.amp_dtype is None:  # leaves a caller's autocast as it is
+            return model(images)
+        with torch.autocast(images.device.type, dtype=options.amp_dtype):
             return model(images)
     return as_logits(torch.stack([predict_probs(model, image, options) for image in images]))

@@ -31,12 +31,12 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.build import build_model, class_names_of, eval_transform_of, inference_options
-from segtrain.checkpoint import read_for_inference
-from segtrain.config import apply_overrides, compose_config
+from segtrain.build import class_names_of, eval_transform_of, inference_options, model_from_checkpoint
+from segtrain.checkpoint import read_with_overrides
+from segtrain.config import compose_config
 from segtrain.data import cityscapes
 from segtrain.data.folder import read_image
-from segtrain.data.inputs import check_output_dir, find_inputs
+from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
 from segtrain.data.palette import parse_palette
 from segtrain.data.voc import voc_palette
 from segtrain.errors import check_choice
@@ -66,12 +66,9 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
-        saved = read_for_inference(path)
-        cfg = apply_overrides(saved.config, saved.overrides, list(overrides or []))
+        saved, cfg = read_with_overrides(path, overrides)
         target = distributed.device_for(device)
-        model = build_model(cfg.model)
-        model.load_state_dict(saved.weights)
-        return cls(model.to(target), cfg, inference_options(cfg, target), target)
+        return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target)
 
     @property
     def label_names(self) -> list[str]:
@@ -140,7 +137,7 @@ def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
     images, base = find_inputs(pcfg.input)
     output = Path(pcfg.output).expanduser()
     check_output_dir(output, base, pcfg.input)
-    single = len(images) == 1 and Path(pcfg.input).is_file() and not str(pcfg.input).endswith((".txt", ".lst"))
+    single = Path(pcfg.input).is_file() and Path(pcfg.input).suffix.lower() not in LIST_SUFFIXES
     on_error = ("stop" if single else "skip") if pcfg.on_error == "auto" else pcfg.on_error
     kinds = [kind for kind in ("color", "overlay", "probabilities") if pcfg.save.get(kind)]
     names = predictor.label_names

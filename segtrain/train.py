@@ -6,7 +6,6 @@ the run's, and only rank 0 writes into it (config, logs, TensorBoard, checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, rt) -> FitOptions:
     tr = cfg.trainer
     # Validation predicts as configured in inference.*, in the training run's precision.
-    inference = dataclasses.replace(inference_options(cfg, rt.device), amp_dtype=rt.amp_dtype)
+    inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     return FitOptions(
         epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,

@@ -11,9 +11,9 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from segtrain.build import build_model, dataset_split, eval_transform_of
-from segtrain.checkpoint import read_for_inference
+from segtrain.checkpoint import read_for_inference, read_with_overrides
 from segtrain.config import compose_config
-from segtrain.evaluate import evaluate_checkpoint, evaluation_config, main
+from segtrain.evaluate import evaluate_checkpoint, main
 from segtrain.metrics import flatten_metrics
 from segtrain.train import train
 
@@ -52,7 +52,7 @@ def test_checkpoint_scores_exactly_what_the_run_reported(trained):
 def test_overrides_replace_only_what_they_name(trained):
     ckpt = trained / "run/checkpoints/last.pt"
     saved = read_for_inference(ckpt)
-    _, cfg = evaluation_config(ckpt, ["dataset=folder", f"dataset.root={trained / 'data'}", "dataset.num_classes=3"])
+    _, cfg = read_with_overrides(ckpt, ["dataset=folder", f"dataset.root={trained / 'data'}", "dataset.num_classes=3"])
     assert cfg.dataset.name == "folder" and cfg.dataset.class_names is None
     for kept in ("model", "loss", "weights", "optimizer", "trainer"):  # as trained, not the defaults
         assert cfg[kept] == saved.config[kept], kept
@@ -77,7 +77,7 @@ def test_val_resize_scores_logits_resized_back_to_the_mask(trained):
     """dataset.val_resize=<int>: the image is resized, the logits are interpolated back to the mask."""
     ckpt = trained / "run/checkpoints/last.pt"
     metrics, _ = evaluate_checkpoint(ckpt, ["dataset.val_resize=40"])
-    saved, cfg = evaluation_config(ckpt, ["dataset.val_resize=40"])
+    saved, cfg = read_with_overrides(ckpt, ["dataset.val_resize=40"])
     model = build_model(cfg.model)
     model.load_state_dict(saved.weights)
     model.eval()

@@ -48,7 +48,7 @@ def _from_list(list_file: Path) -> tuple[list[Path], Path]:
 def _glob_base(pattern: str) -> Path:
     """The folder part of a pattern before its first wildcard."""
     parts = Path(pattern).parts
-    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    fixed = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
     return Path(*fixed) if fixed else Path(".")
 
 
