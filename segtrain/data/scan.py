@@ -172,16 +172,18 @@ def _fingerprint(source: Any, num_classes: int, ignore_index: int | None) -> str
     return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
 
 
-def counts_cache_file(source: Any, num_classes: int, ignore_index: int | None = 255) -> Path:
-    """The file in which ``image_class_counts`` caches the matrix of ``source`` (it may not exist).
-
-    Only the files' metadata is read, no mask.
-    """
+def _cache_key(source: Any, num_classes: int, ignore_index: int | None) -> tuple[Path, str]:
+    """(cache file, fingerprint): every listed file is stat-ed once, no mask is read."""
     if not is_mask_source(source):
         raise TypeError(f"the class-count cache needs a mask source (root, mask_paths, load_mask), "
                         f"got {type(source).__name__}")
     fingerprint = _fingerprint(source, as_int("num_classes", num_classes, 1), ignore_index)
-    return Path(source.root) / ".segtrain" / f"class_counts-{fingerprint[:16]}.npz"
+    return Path(source.root) / ".segtrain" / f"class_counts-{fingerprint[:16]}.npz", fingerprint
+
+
+def counts_cache_file(source: Any, num_classes: int, ignore_index: int | None = 255) -> Path:
+    """The file in which ``image_class_counts`` caches the matrix of ``source`` (it may not exist)."""
+    return _cache_key(source, num_classes, ignore_index)[0]
 
 
 def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -213,8 +215,7 @@ def _write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
 
 def read_cached_counts(source: Any, num_classes: int, ignore_index: int | None = 255) -> np.ndarray | None:
     """The matrix ``image_class_counts`` would read from its cache, or None on a miss (no mask read)."""
-    path = counts_cache_file(source, num_classes, ignore_index)
-    fingerprint = _fingerprint(source, num_classes, ignore_index)
+    path, fingerprint = _cache_key(source, num_classes, ignore_index)
     return _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
 
 
@@ -225,9 +226,8 @@ def image_class_counts(source: Any, num_classes: int, ignore_index: int | None =
     Raises the first problem found (the error names the file); see ``scan_pair``.
     """
     num_classes, num_workers = as_int("num_classes", num_classes, 1), as_int("num_workers", num_workers, 0)
-    path = counts_cache_file(source, num_classes, ignore_index) if cache else None
+    path, fingerprint = _cache_key(source, num_classes, ignore_index) if cache else (None, None)
     if path is not None:
-        fingerprint = _fingerprint(source, num_classes, ignore_index)
         counts = _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
         if counts is not None:
             log.info("class counts of %d masks read from %s", len(counts), path)
