@@ -130,9 +130,6 @@ class FolderDataset(torch.utils.data.Dataset):
     def load_image(self, index: int) -> np.ndarray:
         return read_image(self.image_paths[index])
 
-    def image_size(self, index: int) -> tuple[int, int]:
-        return image_size(self.image_paths[index])
-
     def _checked_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         # The class-statistics pass checked every pair before training; a file may change since.
         image, mask = self.load_image(index), self.load_mask(index)
