@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from segtrain.models import ENCODERS, DeepLabV3Plus, UNet, build_encoder, encoders_supporting
-from segtrain.models.blocks import batchnorm_layers
+from segtrain.models.blocks import batchnorm_layers, pad_to_multiple
 
 import torchvision  # noqa: E402, I001  (after segtrain: its import shim must run first)
 
@@ -91,6 +91,19 @@ def test_input_smaller_than_padding():
     model = UNet(num_classes=2, encoder=None, base_width=4).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 5, 7)).shape == (1, 2, 5, 7)
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 32])
+def test_padding_equals_reflect_or_replicate_pad_at_every_size(multiple):
+    """pad_to_multiple gathers rows and columns (no branch on the size, for export): exactly F.pad's
+    reflect padding, or replicate when either side is not larger than its padding."""
+    for height in (1, 2, 5, 15, 16, 17, 31, 32, 33, 47, 64, 100):
+        for width in (1, 3, 16, 20, 33, 64, 97):
+            x = torch.randn(2, 3, height, width)
+            pad_h, pad_w = -height % multiple, -width % multiple
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            expected = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+            assert torch.equal(pad_to_multiple(x, multiple), expected), (height, width, mode)
 
 
 def test_deeplab_batch_one_train_mode():

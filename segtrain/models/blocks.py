@@ -54,20 +54,35 @@ def separable_conv_bn_relu(
     )
 
 
+def _reflected_index(size: int, padded: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions 0 .. padded - 1, the source of each under reflection: ``size - 2`` for ``size``,
+    ...); the reflection runs past the first pixel, to negative values, when ``padded >= 2 * size``."""
+    position = torch.arange(padded, device=device)
+    return position, (size - 1) - (position - (size - 1)).abs()
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad the bottom and right of ``x`` (N, C, H, W) so that H and W divide by ``multiple``.
 
     Reflect padding gives the network plausible image content at the border; an image smaller
     than the padding it needs cannot be reflected, so it falls back to replicate padding.
     Padding only bottom/right keeps pixel (0, 0) in place, so cropping back is ``[:H, :W]``.
+
+    The values are exactly ``F.pad``'s reflect or replicate padding, written as index gathers
+    with no Python branch on the size: the same code is right at every size once traced, so a
+    model exported with dynamic height and width (``segtrain.export``) pads like the eager one.
+    An already divisible input is gathered too (a copy of the input, cheap beside the network).
     """
     height, width = x.shape[-2:]
-    pad_h = -height % multiple
-    pad_w = -width % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    # The padded size written as multiple * ceil(size / multiple), which a tracer simplifies
+    # through the strided layers far better than size + (-size % multiple).
+    row, row_reflected = _reflected_index(height, (height + multiple - 1) // multiple * multiple, x.device)
+    col, col_reflected = _reflected_index(width, (width + multiple - 1) // multiple * multiple, x.device)
+    # Reflection needs pad < size on both axes; decided in a tensor, not in a traced Python bool.
+    reflect = (row_reflected[-1] >= 0) & (col_reflected[-1] >= 0)
+    rows = torch.where(reflect, row_reflected, row.clamp_max(height - 1))
+    cols = torch.where(reflect, col_reflected, col.clamp_max(width - 1))
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def batchnorm_layers(module: nn.Module) -> list[_BatchNorm]:
@@ -100,10 +115,12 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"expected input of shape (N, C, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
         logits = self.forward_padded(pad_to_multiple(x, self.pad_multiple))
-        if logits.shape[-2:] == (height, width):
-            return logits
-        # A contiguous copy, not a strided view, so callers may .view() the logits.
-        return logits[..., :height, :width].contiguous()
+        # Cropped whether or not there was padding, by gathers rather than a slice: a traced slice
+        # needs a proof that the padded size is >= (H, W), which the symbolic shapes cannot give.
+        # The result is a contiguous copy, so callers may .view() the logits.
+        rows = torch.arange(height, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        return logits.index_select(-2, rows).index_select(-1, cols)
 
     def apply_freeze_bn(self) -> None:
         if not self.freeze_bn:
