@@ -8,7 +8,6 @@ input, crops the logits back and implements ``freeze_bn``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
