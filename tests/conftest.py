@@ -34,3 +34,16 @@ def compose_cfg():
 def fast_overrides(tmp_path):
     """``debug=fast`` with its data and outputs inside the test's tmp dir."""
     return ["debug=fast", f"dataset.root={tmp_path / 'data'}"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A four-step ``debug=fast`` run shared by the predict and export tests: its data under ``data/``,
+    the run under ``run/`` (``run/checkpoints/last.pt``). Tests write their own files elsewhere."""
+    from segtrain.config import compose_config
+    from segtrain.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    overrides = ["debug=fast", f"dataset.root={tmp / 'data'}", "trainer.max_steps=4"]
+    train(compose_config(overrides), tmp / "run", overrides=overrides)
+    return tmp

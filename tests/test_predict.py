@@ -19,18 +19,9 @@ from segtrain.data.voc import voc_palette
 from segtrain.evaluate import evaluate_checkpoint
 from segtrain.metrics import ConfusionMatrix
 from segtrain.predict import Predictor, main
-from segtrain.train import train
 from segtrain.writers import PredictionWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict")
-    overrides = ["debug=fast", f"dataset.root={tmp / 'data'}", "trainer.max_steps=4"]
-    train(compose_config(overrides), tmp / "run", overrides=overrides)
-    return tmp
 
 
 def _checkpoint(trained: Path) -> str:
