@@ -156,7 +156,7 @@ def test_readme_onnx_snippet_segments_an_image(trained, mask_model, tmp_path):
     section = readme[readme.index("## Exporting"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(snippet.strip().splitlines()) <= 10
-    (tmp_path / "model.onnx").write_bytes(mask_model.read_bytes())
+    (tmp_path / "mask.onnx").write_bytes(mask_model.read_bytes())
     image = next((trained / "data/images/val").glob("*.png"))
     (tmp_path / "image.png").write_bytes(image.read_bytes())
     result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + snippet],
