@@ -92,22 +92,63 @@ def training_payload(parts, state: TrainState, meta: dict[str, Any]) -> dict[str
     return {**parts.state_dict(), "train_state": dataclasses.asdict(state), "rng": rng_state(), **meta}
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``trainer.resume``: None/empty = start afresh, ``auto`` = this run directory's last.pt if any."""
+# What resuming a run reads; a file without one of them is incomplete.
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng")
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The ``step_<n>.pt`` files in ``folder``, newest (highest step) first."""
+    steps = [(int(p.stem[5:]), p) for p in folder.glob("step_*.pt") if p.stem[5:].isdigit()]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> list[Path]:
+    """``trainer.resume``: None/empty = start afresh (no candidates); ``auto`` = this run directory's
+    last.pt, then its step_<n>.pt newest first, as fallbacks; a path = that checkpoint alone."""
     if not resume:
-        return None
+        return []
     if resume == "auto":
-        path = run_dir / "checkpoints" / "last.pt"
-        return path if path.is_file() else None
+        folder = run_dir / "checkpoints"
+        last = [folder / "last.pt"] if (folder / "last.pt").is_file() else []
+        return last + step_checkpoints(folder)
     path = Path(resume).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file")
-    return path
+    return [path]
 
 
-def restore_training(path: Path, parts, class_weights: torch.Tensor) -> TrainState:
-    """Load every state of ``path`` into ``parts`` and the random generators; the progress to go on from."""
+def load_resumable(path: Path, parts) -> dict[str, Any]:
+    """``path`` read and checked against ``parts`` (``engine.TrainParts``): every training key there, every
+    model tensor of the expected shape. Raises ``RuntimeError`` naming the file and what is wrong."""
     ckpt = load_checkpoint(path)
+    missing = [key for key in TRAINING_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(TRAINING_KEYS)
+    if missing:
+        raise RuntimeError(f"{path}: not a complete training checkpoint (no {', '.join(missing)})")
+    expected = parts.model.state_dict()
+    wrong = [f"{key} {tuple(value.shape)} (model: {tuple(expected[key].shape) if key in expected else 'absent'})"
+             for key, value in ckpt["model"].items() if key not in expected or value.shape != expected[key].shape]
+    absent = sorted(set(expected) - set(ckpt["model"]))
+    if wrong or absent:
+        raise RuntimeError(f"{path}: its weights do not fit this model: {'; '.join(wrong[:3] + absent[:3])}")
+    return ckpt
+
+
+def restore_training(candidates: list[Path], parts, class_weights: torch.Tensor) -> tuple[TrainState, Path]:
+    """Load the first valid checkpoint of ``candidates`` into ``parts`` and the random generators; the
+    progress to go on from and the file it came from. A candidate that fails its check is named in a
+    warning beside the one used."""
+    errors = []
+    for path in candidates:
+        try:
+            ckpt = load_resumable(path, parts)
+        except RuntimeError as err:
+            errors.append(err)
+            continue
+        if errors:
+            log.warning("%s; resuming from %s instead", "; ".join(map(str, errors)), path)
+        break
+    else:
+        raise errors[0]
     parts.load_state_dict(ckpt)
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("class_weights")
@@ -116,7 +157,7 @@ def restore_training(path: Path, parts, class_weights: torch.Tensor) -> TrainSta
                     saved.tolist(), path)
     state = TrainState(**ckpt["train_state"])
     log.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
-    return state
+    return state, path
 
 
 @dataclass

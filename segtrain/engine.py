@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.checkpoint import TrainState, save_checkpoint, training_payload
+from segtrain.checkpoint import TrainState, save_checkpoint, step_checkpoints, training_payload
 from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
@@ -95,6 +97,7 @@ class FitOptions:
     progress: bool = True
     num_samples: int = 4  # validation images drawn as overlays at every evaluation
     inference: InferenceOptions | None = None  # how validation predicts; None: one whole-image pass
+    checkpoint_every: int | None = None  # optimizer steps between last.pt writes inside an epoch
 
 
 @dataclass
@@ -105,15 +108,31 @@ class RunOutput:
     checkpoint_dir: Path | None = None
     logger: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    keep_last: int = 1  # last.pt and the keep_last - 1 checkpoints before it, as step_<n>.pt
+    last_step: int | None = None  # the step of the last.pt on disk, if any
 
     def save(self, parts: TrainParts, state: TrainState, name: str) -> None:
         if self.checkpoint_dir is not None:
             save_checkpoint(training_payload(parts, state, self.meta), self.checkpoint_dir / name)
 
+    def save_last(self, parts: TrainParts, state: TrainState) -> None:
+        """``last.pt`` at ``state``; with ``keep_last > 1`` the previous one is renamed (not rewritten) to
+        ``step_<n>.pt`` first, and step files beyond the newest ``keep_last - 1`` are removed."""
+        if self.checkpoint_dir is None or self.last_step == state.step:
+            return
+        last = self.checkpoint_dir / "last.pt"
+        if self.keep_last > 1 and self.last_step is not None and last.is_file():
+            os.replace(last, self.checkpoint_dir / f"step_{self.last_step}.pt")
+            for old in step_checkpoints(self.checkpoint_dir)[self.keep_last - 1:]:
+                old.unlink()
+        self.save(parts, state, "last.pt")
+        self.last_step = state.step
+
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
-                    logger=None) -> None:
-    """Run the optimizer steps left in ``state.epoch``; the loader must start at the matching draw."""
+                    logger=None, on_step: Callable[[], None] | None = None) -> None:
+    """Run the optimizer steps left in ``state.epoch``; the loader must start at the matching draw.
+    ``on_step`` runs after every optimizer step but the epoch's last (which the caller handles)."""
     net = parts.net
     net.train()
     steps = opts.steps_per_epoch - state.step_in_epoch
@@ -149,6 +168,8 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
                 logger.scalars(interval.scalars, state.step)
             if not math.isfinite(interval.loss):
                 raise FloatingPointError(f"training loss is {interval.loss} at step {state.step}")
+        if on_step is not None and i < steps - 1:
+            on_step()
     bar.close()
 
 
@@ -220,13 +241,19 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         out: RunOutput) -> dict[str, float]:
     """Train from ``state`` to the end of the schedule (or ``max_steps``); returns the last
     evaluation's flattened metrics (evaluating once if the run had nothing left to train).
-    Writes ``last.pt`` after every epoch and at the stop, ``best.pt`` whenever ``opts.monitor``
-    improves."""
+    Writes ``last.pt`` after every epoch, every ``opts.checkpoint_every`` steps and at the stop,
+    ``best.pt`` whenever ``opts.monitor`` improves."""
     final: dict[str, float] = {}
     sampler = train_loader.sampler
+    every = opts.checkpoint_every
+
+    def checkpoint_on_schedule() -> None:
+        if every and state.step % every == 0:
+            out.save_last(parts, state)
+
     while state.epoch < opts.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
-        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger)
+        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch
         if epoch_done:
@@ -236,7 +263,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         distributed.broadcast_buffers(parts.model)
         if stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0):
             final = _evaluate_and_keep_best(parts, val_loader, loss_fn, rt, state, opts, out)
-        out.save(parts, state, "last.pt")
+        out.save_last(parts, state)
         if out.logger is not None:
             out.logger.flush()
         if stopping:

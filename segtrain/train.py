@@ -34,7 +34,8 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
         log_every=tr.log_every, eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor,
-        monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference)
+        monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
+        checkpoint_every=tr.checkpoint_every)
 
 
 def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) -> None:
@@ -45,6 +46,19 @@ def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) ->
     log.info("global batch %d = %d per rank x %d rank%s x %d accumulation step%s", tr.batch_size * ranks * tr.grad_accum,
              tr.batch_size, ranks, "s" if ranks > 1 else "", tr.grad_accum, "s" if tr.grad_accum > 1 else "")
     log.info("open the dashboards with: tensorboard --logdir %s", run_dir.resolve())
+    every = f"every {tr.checkpoint_every} steps and " if tr.checkpoint_every else ""
+    kept = f", the {tr.keep_last - 1} before it as step_<n>.pt" if tr.keep_last > 1 else ""
+    log.info("checkpoints in %s: last.pt %safter each epoch%s; best.pt at the best %s", run_dir.resolve() / "checkpoints",
+             every, kept, tr.monitor)
+
+
+def check_checkpoint_policy(tr: DictConfig) -> None:
+    """trainer.checkpoint_every (null or a step count >= 1) and trainer.keep_last (>= 1), before anything runs."""
+    every, keep = tr.checkpoint_every, tr.keep_last
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"trainer.checkpoint_every={every!r}: expected null or a number of optimizer steps >= 1")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"trainer.keep_last={keep!r}: expected a number of checkpoints >= 1")
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
@@ -53,6 +67,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     ``overrides`` (the command line's) are stored in the checkpoints, so that
     ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
     """
+    check_checkpoint_policy(cfg.trainer)
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
@@ -78,9 +93,11 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     parts = build_parts(cfg, model, rt, total_steps=steps_per_epoch * tr.epochs)
 
     state = TrainState()
-    resume_path = resolve_resume(tr.resume, run_dir)
-    if resume_path is not None:
-        state = restore_training(resume_path, parts, class_weights)
+    candidates = resolve_resume(tr.resume, run_dir)
+    last_step = None  # the step of this run directory's last.pt, when it is the checkpoint resumed from
+    if candidates:
+        state, resumed_from = restore_training(candidates, parts, class_weights)
+        last_step = state.step if resumed_from == run_dir / "checkpoints" / "last.pt" else None
     # DDP after the restore (it broadcasts rank 0's weights), torch.compile around the whole.
     parts.net = distributed.wrap_model(model, rt.device, cfg.model.get("sync_bn", "auto"))
     if tr.compile:
@@ -93,7 +110,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         logger.text("data/class_weights", table)
     meta = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": list(overrides or []),
             "class_names": class_names, "class_weights": class_weights.cpu()}
-    out = RunOutput(run_dir / "checkpoints" if main_process else None, logger, meta)
+    out = RunOutput(run_dir / "checkpoints" if main_process else None, logger, meta, tr.keep_last, last_step)
     start = time.perf_counter()
     try:
         final = fit(parts, train_loader, val_loader, loss_fn, rt, state,

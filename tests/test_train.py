@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segtrain.build import build_data, build_model, resolve_amp
-from segtrain.checkpoint import TrainState, load_checkpoint
+from segtrain.checkpoint import TrainState, load_checkpoint, load_resumable
 from segtrain.distributed import device_for, parameters_digest
 from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
@@ -124,6 +125,57 @@ def test_resume_continues_step_count_and_schedule_exactly(compose_cfg, fast_over
     assert end_resumed["train_state"]["epoch"] == 2
     for key, value in end_full["model"].items():
         torch.testing.assert_close(end_resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_step_checkpoints_rotate_and_a_corrupt_last_falls_back_to_the_newest_step_file(compose_cfg, fast_overrides,
+                                                                                        tmp_path, caplog):
+    common = fast_overrides + ["trainer.epochs=2", "trainer.max_steps=null", "trainer.checkpoint_every=3",
+                               "trainer.keep_last=3", "trainer.log_every=1"]
+    full = tmp_path / "full"
+    train(compose_cfg(common), full)
+    ckpts = full / "checkpoints"
+    # 4 steps per epoch: last.pt at steps 3 (mid-epoch), 4 (epoch end), 6 (mid-epoch) and 8; two kept before it.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "last.pt", "step_4.pt", "step_6.pt"]
+    states = {name: load_checkpoint(ckpts / name)["train_state"] for name in ("last.pt", "step_6.pt", "step_4.pt")}
+    assert [s["step"] for s in states.values()] == [8, 6, 4] and states["step_6.pt"]["step_in_epoch"] == 2
+
+    # A run stopped after step 6 whose last.pt is damaged: resume=auto names it and takes step_6.pt.
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpts / "step_6.pt", killed / "checkpoints/step_6.pt")
+    (killed / "checkpoints/last.pt").write_bytes((ckpts / "last.pt").read_bytes()[:5000])
+    with caplog.at_level("WARNING", logger="segtrain.checkpoint"):
+        train(compose_cfg(common + ["trainer.resume=auto"]), killed)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert str(killed / "checkpoints/last.pt") in warning and str(killed / "checkpoints/step_6.pt") in warning
+    end_full, end_resumed = load_checkpoint(ckpts / "last.pt"), load_checkpoint(killed / "checkpoints/last.pt")
+    assert end_resumed["train_state"]["step"] == 8
+    model = build_model(compose_cfg(fast_overrides).model)
+    digests = []
+    for ckpt in (end_full, end_resumed):
+        model.load_state_dict(ckpt["model"])
+        digests.append(parameters_digest(model))
+    assert digests[0] == digests[1]
+    assert sorted(_scalars(killed, "train/loss")) == [7, 8]
+    assert all(_scalars(killed, "train/loss")[s] == _scalars(full, "train/loss")[s] for s in (7, 8))
+    # The damaged file was replaced, not kept as a step file; the valid step_6.pt is untouched.
+    assert load_checkpoint(killed / "checkpoints/step_6.pt")["train_state"]["step"] == 6
+
+
+def test_checkpoint_policy_and_checkpoint_fit_are_checked_first(compose_cfg, fast_overrides, tmp_path):
+    for override, key in (("trainer.checkpoint_every=0", "trainer.checkpoint_every=0"),
+                          ("trainer.keep_last=0", "trainer.keep_last=0")):
+        with pytest.raises(ValueError, match=key):
+            train(compose_cfg(fast_overrides + [override]), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    train(compose_cfg(fast_overrides), tmp_path / "run")
+    other = compose_cfg(fast_overrides + ["model.decoder_channels=[64,32,16,16,8]"])
+    parts = _parts(build_model(other.model), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"last.pt: its weights do not fit this model: decoder.0"):
+        load_resumable(tmp_path / "run/checkpoints/last.pt", parts)
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match=r"partial.pt: not a complete training checkpoint \(no optimizer"):
+        load_resumable(tmp_path / "partial.pt", parts)
 
 
 def test_resume_auto_picks_up_the_run_directory(compose_cfg, fast_overrides, tmp_path):
