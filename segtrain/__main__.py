@@ -20,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from segtrain import distributed
 from segtrain.config import CONFIG_DIR
+from segtrain.signals import STOPPED_EXIT_CODE, RunStopped
 from segtrain.train import train
 
 
@@ -28,7 +29,10 @@ from segtrain.train import train
 def run(cfg: DictConfig) -> float:
     # The returned score is what Hydra sweepers (Optuna, ...) optimise.
     hydra_cfg = HydraConfig.get()
-    return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+    try:
+        return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+    except RunStopped:  # a signal: last.pt is written, the stop logged; resume with trainer.resume=auto
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
+from segtrain.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class FitOptions:
     num_samples: int = 4  # validation images drawn as overlays at every evaluation
     inference: InferenceOptions | None = None  # how validation predicts; None: one whole-image pass
     checkpoint_every: int | None = None  # optimizer steps between last.pt writes inside an epoch
+    stop: StopSignals | None = None  # checked after every optimizer step
 
 
 @dataclass
@@ -130,9 +132,10 @@ class RunOutput:
 
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
-                    logger=None, on_step: Callable[[], None] | None = None) -> None:
+                    logger=None, on_step: Callable[[], None] | None = None) -> str | None:
     """Run the optimizer steps left in ``state.epoch``; the loader must start at the matching draw.
-    ``on_step`` runs after every optimizer step but the epoch's last (which the caller handles)."""
+    ``on_step`` runs after every optimizer step but the epoch's last (which the caller handles).
+    Returns the signal that stopped the epoch early (``opts.stop``), if one did."""
     net = parts.net
     net.train()
     steps = opts.steps_per_epoch - state.step_in_epoch
@@ -158,7 +161,8 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
         state.step += 1
         state.step_in_epoch += 1
         bar.update(1)
-        if meter.steps == opts.log_every or i == steps - 1:
+        stop = opts.stop.requested(rt.device) if opts.stop is not None else None
+        if meter.steps == opts.log_every or i == steps - 1 or stop:
             interval = meter.flush(parts.scheduler.get_last_lr()[0], rt.device)
             state.train_seconds += interval.seconds
             state.images_seen += interval.images
@@ -168,9 +172,13 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
                 logger.scalars(interval.scalars, state.step)
             if not math.isfinite(interval.loss):
                 raise FloatingPointError(f"training loss is {interval.loss} at step {state.step}")
+        if stop:
+            bar.close()
+            return stop
         if on_step is not None and i < steps - 1:
             on_step()
     bar.close()
+    return None
 
 
 @dataclass
@@ -253,7 +261,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
 
     while state.epoch < opts.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
-        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
+        signame = train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch
         if epoch_done:
@@ -261,11 +269,14 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             state.step_in_epoch = 0
         # Without SyncBatchNorm each rank's BatchNorm statistics drifted apart: evaluate and save rank 0's.
         distributed.broadcast_buffers(parts.model)
-        if stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0):
+        evaluate_now = stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0)
+        if evaluate_now and (epoch_done or not signame):  # a signal mid-epoch: save and go, no evaluation
             final = _evaluate_and_keep_best(parts, val_loader, loss_fn, rt, state, opts, out)
         out.save_last(parts, state)
         if out.logger is not None:
             out.logger.flush()
+        if signame:
+            raise RunStopped(signame, state.step, out.checkpoint_dir / "last.pt" if out.checkpoint_dir else "last.pt")
         if stopping:
             break
     if not final:  # resumed from a finished run: nothing left to train, still report

@@ -18,6 +18,7 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
                             seed_everything, weights_column_options)
 from segtrain.checkpoint import TrainState, resolve_resume, restore_training
+from segtrain.signals import RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, RunOutput, fit
 from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
@@ -26,7 +27,7 @@ from segtrain.weights import compute_class_weights, weights_table
 log = logging.getLogger(__name__)
 
 
-def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, rt) -> FitOptions:
+def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, rt, stop: StopSignals) -> FitOptions:
     tr = cfg.trainer
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
@@ -35,7 +36,7 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
         log_every=tr.log_every, eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor,
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
-        checkpoint_every=tr.checkpoint_every)
+        checkpoint_every=tr.checkpoint_every, stop=stop)
 
 
 def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) -> None:
@@ -103,6 +104,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     if tr.compile:
         parts.net = torch.compile(parts.net)
 
+    stop = StopSignals().install()  # SIGTERM, SIGUSR2, Ctrl-C: last.pt at the next step, then RunStopped
     _log_start(run_dir, rt, data, steps_per_epoch, tr)
     logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std) \
         if main_process else None
@@ -114,11 +116,15 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     start = time.perf_counter()
     try:
         final = fit(parts, train_loader, val_loader, loss_fn, rt, state,
-                    _fit_options(cfg, class_names, steps_per_epoch, rt), out)
+                    _fit_options(cfg, class_names, steps_per_epoch, rt, stop), out)
         if logger is not None:
             logger.hparams(hparams_of(cfg, rt.amp_dtype), hparams_metrics(final, state.best_metrics))
             logger.text("data/class_statistics", table, state.step)
+    except RunStopped as stopped:
+        log.warning("%s", stopped)
+        raise
     finally:
+        stop.restore()
         if logger is not None:
             logger.close()
     digests = gather_digests(model)
