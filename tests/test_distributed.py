@@ -5,10 +5,12 @@ every rank. The multi-process tests bind their process groups to 127.0.0.1."""
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,55 @@ def test_torchrun_resume_reaches_the_same_step_and_weights(tmp_path):
     assert a["steps"] == b["steps"] == 4 and b["epochs"] == 2
     assert a["parameters_sha256"] == b["parameters_sha256"]
     assert len(set(b["parameters_sha256"])) == 1
+
+
+def _pid_of_rank(rank: int, tag: str, timeout: float = 120) -> int:
+    """The worker process of ``rank`` in the torchrun job whose environment holds ``tag``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                env = b"\0" + environ.read_bytes()
+            except OSError:
+                continue
+            if tag.encode() in env and f"\0RANK={rank}\0".encode() in env:
+                return int(environ.parent.name)
+        time.sleep(0.2)
+    raise TimeoutError(f"no rank {rank} process appeared")
+
+
+@pytest.mark.slow
+@needs_private_network
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    longer = ("trainer.epochs=6", "trainer.log_every=1")  # 12 steps: time for the signal to land mid-run
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={straight}", *longer))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = f"SEGTRAIN_TEST_TAG={tmp_path.name}"
+    cmd = [str(TORCHRUN), "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "segtrain",
+           *_overrides(tmp_path, f"hydra.run.dir={stopped}", *longer)]
+    env = {**_env(), "SEGTRAIN_TEST_TAG": tmp_path.name}
+    job = subprocess.Popen(_isolated(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    log = stopped / "train.log"
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and "checkpoints in" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # both ranks past the handler set-up, a step or two in
+    os.kill(_pid_of_rank(1, tag), signal.SIGTERM)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode != 0, output[-3000:]  # torchrun reports its workers' exit status 75 as a failure
+    step = load_checkpoint(stopped / "checkpoints" / "last.pt")["train_state"]["step"]
+    assert 0 < step < 12, output[-3000:]
+    text = log.read_text()
+    assert f"stopped by a signal on another rank at step {step}" in text, text[-3000:]  # rank 0 saw rank 1's
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={stopped}", *longer,
+                                                    "trainer.resume=auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, stopped))
+    assert a["steps"] == b["steps"] == 12 and a["parameters_sha256"] == b["parameters_sha256"]
+    assert a["final"] == b["final"]
 
 
 FAILING_ENTRY = """

@@ -28,13 +28,14 @@ def _digest(cfg, checkpoint: Path) -> str:
 
 
 @pytest.mark.slow
-def test_sigterm_and_sigusr2_mid_run_stop_at_a_step_and_resume_ends_identical(tmp_path):
+def test_sigusr2_mid_run_stops_at_a_step_and_resume_ends_identical(tmp_path):
     common = ["debug=fast", f"dataset.root={tmp_path / 'data'}", "trainer.epochs=3", "trainer.max_steps=null",
               "trainer.log_every=1"]
     cfg = compose_config(common)
     train(cfg, tmp_path / "full")  # 8 images, batch 2: 4 steps per epoch, 12 in all
     full_final = json.loads((tmp_path / "full/metrics.json").read_text())["final"]
-    for signame in ("SIGTERM", "SIGUSR2"):
+    # SIGUSR2 here, SIGTERM to one rank under torchrun (tests/test_distributed.py): one handler for both.
+    for signame in ("SIGUSR2",):
         run = tmp_path / signame
         proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
