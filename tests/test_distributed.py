@@ -153,11 +153,11 @@ def _pid_of_rank(rank: int, tag: str, timeout: float = 120) -> int:
 
 @pytest.mark.slow
 @needs_private_network
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tmp_path):
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Both ranks save and stop at the step after the signal (one all-reduce per step); going on from that
+    last.pt under torchrun is test_torchrun_resume_reaches_the_same_step_and_weights's path."""
+    stopped = tmp_path / "stopped"
     longer = ("trainer.epochs=6", "trainer.log_every=1")  # 12 steps: time for the signal to land mid-run
-    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={straight}", *longer))
-    assert proc.returncode == 0, proc.stderr[-3000:]
     tag = f"SEGTRAIN_TEST_TAG={tmp_path.name}"
     cmd = [str(TORCHRUN), "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "segtrain",
@@ -177,12 +177,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tmp_
     assert 0 < step < 12, output[-3000:]
     text = log.read_text()
     assert f"stopped by a signal on another rank at step {step}" in text, text[-3000:]  # rank 0 saw rank 1's
-    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={stopped}", *longer,
-                                                    "trainer.resume=auto"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, stopped))
-    assert a["steps"] == b["steps"] == 12 and a["parameters_sha256"] == b["parameters_sha256"]
-    assert a["final"] == b["final"]
+    assert not (stopped / "metrics.json").exists()
 
 
 FAILING_ENTRY = """
