@@ -96,6 +96,11 @@ def training_payload(parts, state: TrainState, meta: dict[str, Any]) -> dict[str
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng")
 
 
+def _missing(ckpt: Any, keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` a loaded checkpoint lacks (all of them when it is not a dict)."""
+    return [key for key in keys if key not in ckpt] if isinstance(ckpt, dict) else list(keys)
+
+
 def step_checkpoints(folder: Path) -> list[Path]:
     """The ``step_<n>.pt`` files in ``folder``, newest (highest step) first."""
     steps = [(int(p.stem[5:]), p) for p in folder.glob("step_*.pt") if p.stem[5:].isdigit()]
@@ -121,7 +126,7 @@ def load_resumable(path: Path, parts) -> dict[str, Any]:
     """``path`` read and checked against ``parts`` (``engine.TrainParts``): every training key there, every
     model tensor of the expected shape. Raises ``RuntimeError`` naming the file and what is wrong."""
     ckpt = load_checkpoint(path)
-    missing = [key for key in TRAINING_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(TRAINING_KEYS)
+    missing = _missing(ckpt, TRAINING_KEYS)
     if missing:
         raise RuntimeError(f"{path}: not a complete training checkpoint (no {', '.join(missing)})")
     expected = parts.model.state_dict()
@@ -176,7 +181,7 @@ class SavedModel:
 def read_for_inference(path: str | Path) -> SavedModel:
     """The model, its config and its class metadata from a checkpoint (no optimizer state kept)."""
     ckpt = load_checkpoint(path)
-    missing = [key for key in INFERENCE_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(INFERENCE_KEYS)
+    missing = _missing(ckpt, INFERENCE_KEYS)
     if missing:
         raise ValueError(f"{path}: not a segtrain checkpoint (no {', '.join(missing)}); expected a "
                          "checkpoints/last.pt or best.pt written by python -m segtrain")
