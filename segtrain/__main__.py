@@ -15,6 +15,7 @@ from datetime import datetime
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -29,9 +30,14 @@ from segtrain.train import train
 def run(cfg: DictConfig) -> float:
     # The returned score is what Hydra sweepers (Optuna, ...) optimise.
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.trainer.resume:
+        # A sweep job that is run again (submitit's requeue after a preemption or at the time limit) is given
+        # the same run directory: it continues from its checkpoints (a first run finds none and starts afresh).
+        cfg.trainer.resume = "auto"
     try:
         return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
-    except RunStopped:  # a signal: last.pt is written, the stop logged; resume with trainer.resume=auto
+    except RunStopped as stopped:  # a signal: last.pt is written, the stop logged; resume with trainer.resume=auto
+        stopped.hand_over()  # in a submitit job, SIGUSR2: submitit requeues the job and exits
         sys.exit(STOPPED_EXIT_CODE)
 
 

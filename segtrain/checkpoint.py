@@ -44,6 +44,9 @@ class TrainState:
     best_metrics: dict[str, float] = field(default_factory=dict)
     images_seen: int = 0
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # optimizer steps without an update: trainer.on_nonfinite=skip, GradScaler overflows
+    skipped_in_a_row: int = 0
+    rollbacks: int = 0  # trainer.on_nonfinite=rollback
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

@@ -25,9 +25,12 @@ from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
+from segtrain.nonfinite import NonFiniteLoss, Snapshot
 from segtrain.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
+
+ROLLBACK = "rollback"  # train_one_epoch's answer when the run must go back to its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,23 @@ class TrainParts:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def step(self, grad_clip: float | None) -> None:
-        if grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def step(self, grad_clip: float | None, update: bool = True) -> bool:
+        """One optimizer step (``update=False``: the gradients dropped, only the LR schedule moves on).
+        Returns whether the step went without an update, counting the GradScaler's overflow skips."""
+        skipped = not update
+        if update:
+            if grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+            # fp16 only: the scaler lowers its scale exactly when it skips the step (it reads its overflow
+            # flag to the host in step() anyway, so these two reads add no stall).
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = scale is not None and self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return skipped
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class FitOptions:
     inference: InferenceOptions | None = None  # how validation predicts; None: one whole-image pass
     checkpoint_every: int | None = None  # optimizer steps between last.pt writes inside an epoch
     stop: StopSignals | None = None  # checked after every optimizer step
+    on_nonfinite: str = "stop"  # stop | skip | rollback (segtrain.nonfinite)
+    max_skipped: int = 10  # skip: this many skipped steps in a row stop the run
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -135,7 +151,8 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
                     logger=None, on_step: Callable[[], None] | None = None) -> str | None:
     """Run the optimizer steps left in ``state.epoch``; the loader must start at the matching draw.
     ``on_step`` runs after every optimizer step but the epoch's last (which the caller handles).
-    Returns the signal that stopped the epoch early (``opts.stop``), if one did."""
+    Returns the signal that stopped the epoch early (``opts.stop``), if one did, or ``ROLLBACK`` when the
+    loss was not finite under ``trainer.on_nonfinite=rollback`` (``stop``: raises ``NonFiniteLoss``)."""
     net = parts.net
     net.train()
     steps = opts.steps_per_epoch - state.step_in_epoch
@@ -156,22 +173,33 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
                     out = loss_fn(logits, masks)
                 parts.scaler.scale(out["loss"] / opts.grad_accum).backward()
             meter.update(out, logits, masks)
-        parts.step(opts.grad_clip)
-        meter.step()
+        drop = opts.on_nonfinite == "skip" and _nonfinite_on_any_rank(meter.step_loss())
+        skipped = parts.step(opts.grad_clip, update=not drop)
+        meter.step(state.step + 1, skipped=drop)
         state.step += 1
         state.step_in_epoch += 1
+        state.skipped_steps += skipped
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if drop else 0
+        if state.skipped_in_a_row >= opts.max_skipped:
+            raise NonFiniteLoss(state.step, [], f"trainer.on_nonfinite=skip: {state.skipped_in_a_row} steps skipped in "
+                                "a row (trainer.max_skipped)")
         bar.update(1)
         stop = opts.stop.requested(rt.device) if opts.stop is not None else None
-        if meter.steps == opts.log_every or i == steps - 1 or stop:
+        checkpoint_due = bool(opts.checkpoint_every) and state.step % opts.checkpoint_every == 0
+        # The loss is read before every checkpoint, so that no checkpoint holds weights after a non-finite step.
+        if meter.steps == opts.log_every or i == steps - 1 or stop or checkpoint_due:
             interval = meter.flush(parts.scheduler.get_last_lr()[0], rt.device)
             state.train_seconds += interval.seconds
             state.images_seen += interval.images
             bar.set_postfix(loss=f"{interval.loss:.4f}", lr=f"{interval.scalars['train/lr']:.2e}",
                             img_s=f"{interval.images_per_s:.1f}")
             if logger is not None:
-                logger.scalars(interval.scalars, state.step)
-            if not math.isfinite(interval.loss):
-                raise FloatingPointError(f"training loss is {interval.loss} at step {state.step}")
+                logger.scalars({**interval.scalars, "train/skipped_steps": state.skipped_steps}, state.step)
+            if interval.nonfinite_step is not None:
+                if opts.on_nonfinite == "rollback":
+                    bar.close()
+                    return ROLLBACK
+                raise NonFiniteLoss(interval.nonfinite_step, interval.nonfinite_terms, "trainer.on_nonfinite=stop")
         if stop:
             bar.close()
             return stop
@@ -179,6 +207,11 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
             on_step()
     bar.close()
     return None
+
+
+def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
+    """One host read per step (trainer.on_nonfinite=skip only); every rank gets the same answer."""
+    return distributed.all_reduce_sum((~torch.isfinite(loss)).float().reshape(1)).item() > 0
 
 
 @dataclass
@@ -245,6 +278,18 @@ def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime,
     return final
 
 
+def _roll_back(parts: TrainParts, state: TrainState, opts: FitOptions, snapshot: Snapshot) -> None:
+    failed_at = state.step
+    if state.rollbacks >= opts.max_rollbacks:
+        raise NonFiniteLoss(failed_at, [], f"trainer.on_nonfinite=rollback: still not finite after "
+                            f"{state.rollbacks} rollbacks (trainer.max_rollbacks)")
+    state.rollbacks += 1
+    snapshot.restore(parts, state, opts.rollback_lr_factor)
+    log.warning("training loss not finite by step %d: back to step %d (the last checkpoint), LR x %g (now %.3g); "
+                "rollback %d of at most %d", failed_at, state.step, opts.rollback_lr_factor,
+                parts.scheduler.get_last_lr()[0], state.rollbacks, opts.max_rollbacks)
+
+
 def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
         out: RunOutput) -> dict[str, float]:
     """Train from ``state`` to the end of the schedule (or ``max_steps``); returns the last
@@ -254,14 +299,24 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
     final: dict[str, float] = {}
     sampler = train_loader.sampler
     every = opts.checkpoint_every
+    snapshot = Snapshot.take(parts, state) if opts.on_nonfinite == "rollback" else None
+
+    def save_last() -> None:
+        nonlocal snapshot
+        out.save_last(parts, state)
+        if snapshot is not None:  # what a rollback returns to: this checkpoint, in host memory
+            snapshot = Snapshot.take(parts, state)
 
     def checkpoint_on_schedule() -> None:
         if every and state.step % every == 0:
-            out.save_last(parts, state)
+            save_last()
 
     while state.epoch < opts.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
         signame = train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
+        if signame == ROLLBACK:
+            _roll_back(parts, state, opts, snapshot)
+            continue
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch
         if epoch_done:
@@ -272,11 +327,12 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         evaluate_now = stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0)
         if evaluate_now and (epoch_done or not signame):  # a signal mid-epoch: save and go, no evaluation
             final = _evaluate_and_keep_best(parts, val_loader, loss_fn, rt, state, opts, out)
-        out.save_last(parts, state)
+        save_last()
         if out.logger is not None:
             out.logger.flush()
         if signame:
-            raise RunStopped(signame, state.step, out.checkpoint_dir / "last.pt" if out.checkpoint_dir else "last.pt")
+            raise RunStopped(signame, state.step, out.checkpoint_dir / "last.pt" if out.checkpoint_dir else "last.pt",
+                             opts.stop.previous.get(signame))
         if stopping:
             break
     if not final:  # resumed from a finished run: nothing left to train, still report

@@ -66,6 +66,8 @@ def write_metrics_json(path: Path, cfg: DictConfig, class_names: list[str], stat
         "best": state.best_metrics,
         "epochs": state.epoch,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "rollbacks": state.rollbacks,
         "wall_time_s": wall_time_s,
         "train_time_s": state.train_seconds,
         "images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,

@@ -18,6 +18,7 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
                             seed_everything, weights_column_options)
 from segtrain.checkpoint import TrainState, resolve_resume, restore_training
+from segtrain.nonfinite import check_nonfinite_policy
 from segtrain.signals import RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, RunOutput, fit
@@ -36,7 +37,8 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
         log_every=tr.log_every, eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor,
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
-        checkpoint_every=tr.checkpoint_every, stop=stop)
+        checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
+        rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks)
 
 
 def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) -> None:
@@ -69,6 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
     """
     check_checkpoint_policy(cfg.trainer)
+    check_nonfinite_policy(cfg.trainer)
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))

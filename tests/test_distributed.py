@@ -5,6 +5,7 @@ every rank. The multi-process tests bind their process groups to 127.0.0.1."""
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -136,8 +137,9 @@ def test_torchrun_resume_reaches_the_same_step_and_weights(tmp_path):
     assert len(set(b["parameters_sha256"])) == 1
 
 
-def _pid_of_rank(rank: int, tag: str, timeout: float = 120) -> int:
-    """The worker process of ``rank`` in the torchrun job whose environment holds ``tag``."""
+def _pid_of_rank(rank: int, tag: str, timeout: float = 120, variable: str = "RANK") -> int:
+    """The worker process of ``rank`` (``variable`` in its environment: torchrun's RANK, submitit's
+    SUBMITIT_LOCAL_GLOBALID) in the job whose environment holds ``tag``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for environ in Path("/proc").glob("[0-9]*/environ"):
@@ -145,7 +147,7 @@ def _pid_of_rank(rank: int, tag: str, timeout: float = 120) -> int:
                 env = b"\0" + environ.read_bytes()
             except OSError:
                 continue
-            if tag.encode() in env and f"\0RANK={rank}\0".encode() in env:
+            if tag.encode() in env and f"\0{variable}={rank}\0".encode() in env:
                 return int(environ.parent.name)
         time.sleep(0.2)
     raise TimeoutError(f"no rank {rank} process appeared")
@@ -176,7 +178,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     step = load_checkpoint(stopped / "checkpoints" / "last.pt")["train_state"]["step"]
     assert 0 < step < 12, output[-3000:]
     text = log.read_text()
-    assert f"stopped by a signal on another rank at step {step}" in text, text[-3000:]  # rank 0 saw rank 1's
+    assert f"stopped by SIGTERM at step {step}" in text, text[-3000:]  # rank 0 logs what rank 1 received
     assert not (stopped / "metrics.json").exists()
 
 
@@ -219,21 +221,38 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_error(tmp_path):
 
 @pytest.mark.slow
 @needs_private_network
-def test_submitit_local_launcher_runs_each_job_on_two_ranks(tmp_path):
-    """``hydra/launcher=submitit_local`` with two tasks per job: each task is a rank (the same
-    environment a SLURM job gets from ``hydra/launcher=submitit_slurm``)."""
+def test_submitit_requeues_a_job_stopped_by_sigusr2_and_it_resumes_in_its_run_directory(tmp_path):
+    """``hydra/launcher=submitit_local`` with two tasks per job (each task a rank, the environment a SLURM job gets
+    from ``hydra/launcher=slurm_ddp``). SIGUSR2 to every task, as submitit's controller and SLURM send it before the
+    time limit: the run writes last.pt, hands the signal to submitit's handler, which pickles the job and requeues
+    it; the requeued job resumes in the same run directory (sweep jobs run with trainer.resume=auto) and ends."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    sweep = tmp_path / "sweep"
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    sweep, tag = tmp_path / "sweep", f"SEGTRAIN_TEST_TAG={tmp_path.name}"
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "SEGTRAIN_TEST_TAG": tmp_path.name}
     args = [sys.executable, "-m", "segtrain", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-            "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", *_overrides(tmp_path), "seed=7"]
-    proc = subprocess.run(_isolated(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    logs = "\n".join(p.read_text() for p in sweep.glob(".submitit/*/*.err")) if sweep.exists() else ""
-    assert proc.returncode == 0, proc.stderr[-3000:] + logs[-3000:]
+            "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", *_overrides(tmp_path, "trainer.epochs=3"),
+            "seed=7"]
+    job = subprocess.Popen(_isolated(args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    log = sweep / "0" / "train.log"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and "checkpoints in" in log.read_text()) and job.poll() is None:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    for rank in (0, 1):
+        os.kill(_pid_of_rank(rank, tag, variable="SUBMITIT_LOCAL_GLOBALID"), signal.SIGUSR2)
+    output = job.communicate(timeout=300)[0]
+    submitit_logs = "\n".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+    assert job.returncode == 0, output[-3000:] + submitit_logs[-3000:]
+    text = log.read_text()
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+)", text)
+    assert stopped and 0 < int(stopped.group(1)) < 6, text[-3000:]
+    assert f"{sweep / '0' / 'checkpoints' / 'last.pt'} at epoch" in text and \
+        f"step {stopped.group(1)}" in text.split("resumed from")[1], text[-3000:]
+    assert "Requeued job" in submitit_logs, submitit_logs[-3000:]
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
     assert len(set(metrics["parameters_sha256"])) == 1
-    assert len(list((sweep / "0" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 # --- single-process checks of the helpers ---------------------------------------------------

@@ -2,6 +2,7 @@
 point: the documented exit code, last.pt at the step it stopped, and a resume that ends where the
 uninterrupted run ends."""
 
+import itertools
 import json
 import signal
 import subprocess
@@ -10,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segtrain.build import build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import compose_config
 from segtrain.distributed import parameters_digest
+from segtrain.nonfinite import NonFiniteLoss
 from segtrain.signals import STOPPED_EXIT_CODE, StopSignals
 from segtrain.train import train
 
@@ -67,3 +70,86 @@ def test_a_second_ctrl_c_interrupts_at_once_and_handlers_are_restored():
             signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _planted_nan(monkeypatch, at: set[int]) -> None:
+    """The run's loss returns NaN (loss and its dice term, gradients NaN too) at the training calls ``at``
+    (1-based, one call per optimizer step here; evaluation calls, without gradients, are not counted)."""
+    import segtrain.train as train_module
+
+    build = train_module.build_loss_fn
+    calls = itertools.count(1)
+
+    def planted_build(*args, **kwargs):
+        loss_fn = build(*args, **kwargs)
+
+        def planted(logits, masks):
+            out = loss_fn(logits, masks)
+            if torch.is_grad_enabled() and next(calls) in at:
+                out = {**out, "loss": out["loss"] * float("nan"), "dice": out["dice"] * float("nan")}
+            return out
+        return planted
+
+    monkeypatch.setattr(train_module, "build_loss_fn", planted_build)
+
+
+def _nan_overrides(tmp_path, *extra):
+    # 8 images, batch 2: 4 steps in the one epoch; a checkpoint every step or two, all kept.
+    return ["debug=fast", f"dataset.root={tmp_path / 'data'}", "trainer.max_steps=null", "trainer.log_every=10",
+            "trainer.keep_last=5", *extra]
+
+
+def _weights(path: Path) -> list[torch.Tensor]:
+    return list(load_checkpoint(path)["model"].values())
+
+
+def test_nonfinite_stop_names_the_step_and_terms_and_writes_nothing_after_it(tmp_path, monkeypatch):
+    _planted_nan(monkeypatch, {2})
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"not finite at step 2 \(non-finite: dice\)") as err:
+        train(compose_config(_nan_overrides(tmp_path, "trainer.checkpoint_every=1")), run)
+    assert err.value.step == 2
+    # Step 2 would have written last.pt (mid-epoch, log_every=10): the loss is read first, so it never was.
+    last = load_checkpoint(run / "checkpoints/last.pt")
+    assert last["train_state"]["step"] == 1 and all(torch.isfinite(w).all() for w in _weights(run / "checkpoints/last.pt"))
+
+
+def test_nonfinite_skip_drops_the_update_counts_it_and_stops_after_max_skipped(tmp_path, monkeypatch):
+    _planted_nan(monkeypatch, {2})
+    run = tmp_path / "skip"
+    train(compose_config(_nan_overrides(tmp_path, "trainer.checkpoint_every=1", "trainer.on_nonfinite=skip")), run)
+    ckpts = run / "checkpoints"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["skipped_steps"] == 1
+    # Step 2 left the parameters (and the optimizer's moments) as step 1 had them; step 3 trained on. BatchNorm's
+    # running statistics are not parameters: the forward pass of a skipped step still moves them.
+    step1, step2, step3 = ({k: v for k, v in load_checkpoint(ckpts / f"step_{n}.pt")["model"].items()
+                            if "running_" not in k and "num_batches" not in k} for n in (1, 2, 3))
+    assert all(torch.equal(step1[k], step2[k]) for k in step1)
+    assert not all(torch.equal(step2[k], step3[k]) for k in step2)
+    assert load_checkpoint(ckpts / "step_2.pt")["scheduler"]["last_epoch"] == 2  # the LR schedule moved on
+    assert all(torch.isfinite(w).all() for w in _weights(ckpts / "last.pt"))
+    monkeypatch.undo()
+    _planted_nan(monkeypatch, {2, 3})
+    with pytest.raises(NonFiniteLoss, match="2 steps skipped in a row"):
+        train(compose_config(_nan_overrides(tmp_path, "trainer.on_nonfinite=skip", "trainer.max_skipped=2")),
+              tmp_path / "skip2")
+
+
+def test_nonfinite_rollback_returns_to_the_last_checkpoint_with_a_lower_lr(tmp_path, monkeypatch, caplog):
+    _planted_nan(monkeypatch, {3})  # the retried step 3 is the 4th training call: finite
+    run = tmp_path / "rollback"
+    overrides = _nan_overrides(tmp_path, "trainer.checkpoint_every=2", "trainer.on_nonfinite=rollback",
+                               "scheduler=none")
+    with caplog.at_level("WARNING", logger="segtrain.engine"):
+        train(compose_config(overrides), run)
+    assert "not finite by step 4: back to step 2 (the last checkpoint), LR x 0.5" in caplog.text
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["rollbacks"] == 1
+    last = load_checkpoint(run / "checkpoints/last.pt")
+    lr = compose_config(overrides).optimizer.lr
+    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [lr * 0.5] * 2
+    assert last["scheduler"]["base_lrs"] == [lr * 0.5] * 2  # stays lowered after a resume
+    assert all(torch.isfinite(w).all() for w in _weights(run / "checkpoints/last.pt"))
+    # Steps 1-2 are the same before and after the rollback: step_2.pt was written once, before the NaN.
+    assert load_checkpoint(run / "checkpoints/step_2.pt")["train_state"]["rollbacks"] == 0

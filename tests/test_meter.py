@@ -34,7 +34,7 @@ def test_flush_gives_the_interval_means_and_resets():
     for (logits, target), (loss, ce) in zip(batches, losses):
         meter.update({"loss": torch.tensor(loss), "ce": torch.tensor(ce)}, logits, target)
         if meter.images % 4 == 0:  # every second micro-batch: one optimizer step of 2 micro-batches
-            meter.step()
+            meter.step(meter.images // 4)
     interval = meter.flush(lr=0.25, device=torch.device("cpu"))
     # Per step the micro-batch mean, then the mean over the 2 steps: (1+3)/2, (5+7)/2 -> 4.
     assert interval.loss == pytest.approx(4.0) and interval.scalars["train/loss"] == pytest.approx(4.0)
@@ -47,14 +47,28 @@ def test_flush_gives_the_interval_means_and_resets():
     # The next interval starts empty: only its own batch counts.
     meter.update({"loss": torch.tensor(10.0)}, *batches[0])
     meter.update({"loss": torch.tensor(10.0)}, *batches[0])
-    meter.step()
+    meter.step(3)
     again = meter.flush(lr=0.1, device=torch.device("cpu"))
     assert again.loss == pytest.approx(10.0) and again.images == 4 and "train/loss/ce" not in again.scalars
     assert again.scalars["train/soft_dice/a"] == pytest.approx(_soft_dice(batches[:1], 0), rel=1e-5)
 
 
-def test_a_non_finite_loss_reaches_the_reading():
+def test_a_non_finite_loss_is_reported_with_its_first_step_and_terms_and_a_skipped_one_is_left_out():
     meter = TrainMeter(["a", "b", "c"])
-    meter.update({"loss": torch.tensor(float("nan"))}, *_batch())
-    meter.step()
-    assert math.isnan(meter.flush(lr=1.0, device=torch.device("cpu")).loss)
+    nan, inf = float("nan"), float("inf")
+    for step, (loss, ce, dice) in enumerate([(1.0, 0.5, 0.5), (nan, nan, 0.5), (inf, 0.5, inf)], start=11):
+        meter.update({"loss": torch.tensor(loss), "ce": torch.tensor(ce), "dice": torch.tensor(dice)}, *_batch())
+        meter.step(step)
+    interval = meter.flush(lr=1.0, device=torch.device("cpu"))
+    assert math.isnan(interval.loss) and interval.nonfinite_step == 12
+    assert interval.nonfinite_terms == ["ce", "dice"]
+    # Skipped steps (trainer.on_nonfinite=skip) stay out of the means and out of the report.
+    for step, loss in [(14, 2.0), (15, nan), (16, 4.0)]:
+        meter.update({"loss": torch.tensor(loss)}, *_batch())
+        meter.step(step, skipped=math.isnan(loss))
+    interval = meter.flush(lr=1.0, device=torch.device("cpu"))
+    assert interval.loss == pytest.approx(3.0) and interval.nonfinite_step is None
+    meter.update({"loss": torch.tensor(nan)}, *_batch())
+    meter.step(17, skipped=True)
+    interval = meter.flush(lr=1.0, device=torch.device("cpu"))  # nothing kept: no mean, nothing to report
+    assert math.isnan(interval.loss) and interval.nonfinite_step is None
