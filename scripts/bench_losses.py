@@ -41,11 +41,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import segtrain  # noqa: F401
 from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
-from segtrain.config import CONFIG_DIR
+from segtrain.config import load_option
 from segtrain.losses import (
     CrossEntropyLoss,
     DiceLoss,
@@ -78,14 +77,14 @@ def make_inputs(shape: tuple[int, ...], ignore_fraction: float, device: torch.de
 
 def median_freq_weights(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     stats = compute_class_stats(list(target.cpu()), num_classes, IGNORE)
-    return compute_class_weights(stats, **OmegaConf.load(CONFIG_DIR / "weights" / "median_freq.yaml"))
+    return compute_class_weights(stats, **load_option("weights", "median_freq"))
 
 
 def make_cases(target: torch.Tensor, num_classes: int, class_weights: torch.Tensor, peers: bool) -> dict[str, Case]:
     device = target.device
 
     def composite(name: str, fuse: bool = True) -> Case:
-        loss_fn = build_loss(OmegaConf.load(CONFIG_DIR / "loss" / f"{name}.yaml"), class_weights,
+        loss_fn = build_loss(load_option("loss", name), class_weights,
                              num_classes=num_classes, ignore_index=IGNORE, fuse=fuse).to(device)
         return lambda logits, target: loss_fn(logits, target)["loss"]
 

@@ -5,7 +5,10 @@ process, and is reported as a ratio to the reference (fp32, contiguous, no worke
 machine's noise cancels out of the comparison. The last two columns are the time of one
 metric update as a share of a training step: the train-time soft Dice tracker (every step)
 and a confusion-matrix update (every evaluation batch). On a CUDA machine the GPU variants
-(fp16/bf16 autocast, channels_last, torch.compile) are added, with peak memory.
+(fp16/bf16 autocast, channels_last, torch.compile) are added, with peak memory. Two CPU rows
+price long-run safety: last.pt every 10 steps (``trainer.checkpoint_every=10``; the write's own
+time is reported too) and ``trainer.on_nonfinite=skip`` (one host read per step); a second table
+gives the per-step signal check as a share of a step.
 
     python scripts/bench_train.py                 # CPU variants
     python scripts/bench_train.py --steps 40 --batch-size 16 --size 256
@@ -14,17 +17,22 @@ and a confusion-matrix update (every evaluation batch). On a CUDA machine the GP
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import segtrain  # noqa: F401
 from segtrain.build import build_data, build_loaders, build_model, place_model
-from segtrain.checkpoint import TrainState
 from segtrain.config import compose_config
+from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
+from segtrain.signals import StopSignals
 
 
 def _variants(cuda: bool) -> list[dict]:
@@ -33,6 +41,9 @@ def _variants(cuda: bool) -> list[dict]:
         {"name": "cpu fp32, 2 workers", "device": "cpu", "amp": None, "workers": 2},
         {"name": "cpu bf16 autocast", "device": "cpu", "amp": torch.bfloat16, "workers": 0},
         {"name": "cpu fp32 channels_last", "device": "cpu", "amp": None, "workers": 0, "channels_last": True},
+        # Long runs: last.pt every 10 steps (written into a temporary folder), and one host read per step.
+        {"name": "cpu fp32, checkpoint_every=10", "device": "cpu", "amp": None, "workers": 0, "checkpoint_every": 10},
+        {"name": "cpu fp32, on_nonfinite=skip", "device": "cpu", "amp": None, "workers": 0, "on_nonfinite": "skip"},
     ]
     if not cuda:
         return cpu
@@ -62,14 +73,28 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
     if steps + warmup > steps_per_epoch:
         raise SystemExit(f"--steps + --warmup = {steps + warmup} exceeds the {steps_per_epoch} steps of one epoch")
 
+    every, writes = variant.get("checkpoint_every"), []
+    folder = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    out = RunOutput(folder, meta={"config": "", "class_names": list(cfg.dataset.class_names)})
+
     def run(n: int, epoch: int) -> float:
+        state = TrainState()
         opts = FitOptions(epochs=1, steps_per_epoch=n, batch_size=cfg.trainer.batch_size,
-                          class_names=list(cfg.dataset.class_names), log_every=n, progress=False)
+                          class_names=list(cfg.dataset.class_names), log_every=n, progress=False,
+                          checkpoint_every=every, stop=StopSignals(),
+                          on_nonfinite=variant.get("on_nonfinite", "stop"))
+
+        def on_step() -> None:  # as engine.fit does it
+            if every and state.step % every == 0:
+                start = time.perf_counter()
+                out.save_last(parts, state)
+                writes.append(time.perf_counter() - start)
+
         train_loader.sampler.set_epoch(epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(parts, train_loader, loss_fn, rt, TrainState(), opts)
+        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, on_step=on_step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -81,7 +106,21 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     step = seconds / steps
     tracker, matrix = _metric_seconds(cfg, device)
-    return steps * cfg.trainer.batch_size / seconds, peak, (tracker / step, matrix / step)
+    shutil.rmtree(folder)
+    extra = {"signal check / step": _signal_check_seconds(device) / step}
+    if writes:
+        extra["checkpoint write"] = f"{1000 * statistics.median(writes):.0f} ms ({len(writes)} writes)"
+    return steps * cfg.trainer.batch_size / seconds, peak, (tracker / step, matrix / step), extra
+
+
+def _signal_check_seconds(device: torch.device, repeats: int = 10000) -> float:
+    """Seconds per ``StopSignals.requested`` call, the check after every optimizer step (under DDP it is
+    one all-reduce of three numbers, measured by scripts/bench_ddp.py's steps as a whole)."""
+    stop = StopSignals()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        stop.requested(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def _metric_seconds(cfg, device: torch.device, repeats: int = 20) -> tuple[float, float]:
@@ -126,9 +165,11 @@ def main() -> None:
         f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
     rows = []
     variants = [v for v in _variants(torch.cuda.is_available()) if args.only is None or args.only in v["name"]]
+    extras = []
     for variant in variants:
-        speed, peak, metric_share = _measure(cfg, variant, args.steps, args.warmup)
+        speed, peak, metric_share, extra = _measure(cfg, variant, args.steps, args.warmup)
         rows.append((variant["name"], speed, peak, metric_share))
+        extras.append((variant["name"], extra))
     reference = rows[0][1]
     print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}({cfg.model.encoder}), batch {args.batch_size}, "
           f"{args.size}x{args.size}, {args.steps} timed steps, torch {torch.__version__}, "
@@ -139,6 +180,9 @@ def main() -> None:
     for name, speed, peak, (tracker, matrix) in rows:
         print(f"| {name} | {speed:.1f} | {speed / reference:.2f}x | {'-' if peak is None else f'{peak:.0f}'} "
               f"| {100 * tracker:.2f}% | {100 * matrix:.2f}% |")
+    print("\n| variant | signal check / step | checkpoint write (median) |\n|---|---|---|")
+    for name, extra in extras:
+        print(f"| {name} | {100 * extra['signal check / step']:.5f}% | {extra.get('checkpoint write', '-')} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
 from segtrain.checkpoint import SavedModel
-from segtrain.config import CONFIG_DIR
+from segtrain.config import CONFIG_DIR, load_option
 from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
                            pad_collate, train_transform)
 from segtrain.data.class_stats import ClassStats
@@ -130,7 +130,7 @@ def weights_column_options() -> dict[str, dict]:
     """Each strategy's options from its ``configs/weights/<strategy>.yaml``, so the class-weight
     table's columns show what ``weights=<strategy>`` would give, not bare function defaults."""
     weights_dir = CONFIG_DIR / "weights"
-    return {name: OmegaConf.to_container(OmegaConf.load(weights_dir / f"{name}.yaml"), resolve=True)
+    return {name: OmegaConf.to_container(load_option("weights", name), resolve=True)
             for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
 
 
@@ -224,7 +224,13 @@ def eval_loader(dataset, ds: DictConfig, workers: int, pin: bool = False) -> tor
     """In order, each image once over all ranks (one shard per rank under DDP)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=ds.batch_size_val, sampler=ShardSampler(len(dataset)), num_workers=workers,
-        pin_memory=pin, collate_fn=PadCollate(ds.ignore_index))
+        pin_memory=pin, collate_fn=PadCollate(ds.ignore_index), generator=_loader_generator())
+
+
+def _loader_generator() -> torch.Generator:
+    """Else ``iter(loader)`` draws from torch's global generator, as dropout does: a run resumed mid-epoch would
+    draw at another point and take other dropout masks. (Augmentation is seeded per sample: EpochSampler.)"""
+    return torch.Generator().manual_seed(0)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
                          + (f" per rank ({sampler.world_size} ranks)" if sampler.world_size > 1 else ""))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-        collate_fn=PadCollate(ds.ignore_index), drop_last=True)
+        collate_fn=PadCollate(ds.ignore_index), drop_last=True, generator=_loader_generator())
     val_loader = eval_loader(data.val_set, ds, workers, pin)
     return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,35 @@ def restore_training(candidates: list[Path], parts, class_weights: torch.Tensor)
     state = TrainState(**ckpt["train_state"])
     log.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
     return state, path
+
+
+@dataclass
+class RunOutput:
+    """Where a run writes (``parts`` below is an ``engine.TrainParts``): checkpoints (``None``: nowhere, as on DDP ranks other than 0), the
+    TensorBoard logger, and what every checkpoint carries besides the training state."""
+
+    checkpoint_dir: Path | None = None
+    logger: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    keep_last: int = 1  # last.pt and the keep_last - 1 checkpoints before it, as step_<n>.pt
+    last_step: int | None = None  # the step of the last.pt on disk, if any
+
+    def save(self, parts, state: TrainState, name: str) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(training_payload(parts, state, self.meta), self.checkpoint_dir / name)
+
+    def save_last(self, parts, state: TrainState) -> None:
+        """``last.pt`` at ``state``; with ``keep_last > 1`` the previous one is renamed (not rewritten) to
+        ``step_<n>.pt`` first, and step files beyond the newest ``keep_last - 1`` are removed."""
+        if self.checkpoint_dir is None or self.last_step == state.step:
+            return
+        last = self.checkpoint_dir / "last.pt"
+        if self.keep_last > 1 and self.last_step is not None and last.is_file():
+            os.replace(last, self.checkpoint_dir / f"step_{self.last_step}.pt")
+            for old in step_checkpoints(self.checkpoint_dir)[self.keep_last - 1:]:
+                old.unlink()
+        self.save(parts, state, "last.pt")
+        self.last_step = state.step
 
 
 @dataclass

@@ -14,6 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain import schema
+
+schema.register()  # the configs' defaults lists name these types (configs/*/*.yaml: /schema/...)
+
 # An absolute path: Hydra resolves a relative one against the calling module, which breaks when
 # a module is imported (the `segtrain` console script, a wrapper script under torchrun).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -25,6 +29,23 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
         return compose(config_name=config_name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def load_option(group: str, option: str) -> DictConfig:
+    """One option of a config group as composition gives it (its schema's defaults under the file's
+    values, its defaults list resolved), for code that reads one file: ``load_option("weights", "enet")``."""
+    loaded = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    merged = OmegaConf.create()
+    for entry in loaded.pop("defaults", []):
+        if entry == "_self_":
+            continue
+        name = str(entry).split("@")[0]
+        if name.startswith("/schema/"):
+            schema_group, schema_name = name[len("/schema/"):].rsplit("/", 1)
+            merged = OmegaConf.merge(merged, OmegaConf.structured(schema.SCHEMAS[schema_group][schema_name]))
+        else:  # another option of the same group
+            merged = OmegaConf.merge(merged, load_option(group, name))
+    return OmegaConf.merge(merged, loaded)
 
 
 def apply_overrides(saved: DictConfig, saved_overrides: list[str], overrides: list[str]) -> DictConfig:

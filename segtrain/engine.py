@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.checkpoint import TrainState, save_checkpoint, step_checkpoints, training_payload
+from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
-from segtrain.nonfinite import NonFiniteLoss, Snapshot
+from segtrain.nonfinite import NonFiniteLoss, Snapshot, roll_back
 from segtrain.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
@@ -116,35 +114,6 @@ class FitOptions:
     max_skipped: int = 10  # skip: this many skipped steps in a row stop the run
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
-
-
-@dataclass
-class RunOutput:
-    """Where a run writes: checkpoints (``None``: nowhere, as on DDP ranks other than 0), the
-    TensorBoard logger, and what every checkpoint carries besides the training state."""
-
-    checkpoint_dir: Path | None = None
-    logger: Any = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    keep_last: int = 1  # last.pt and the keep_last - 1 checkpoints before it, as step_<n>.pt
-    last_step: int | None = None  # the step of the last.pt on disk, if any
-
-    def save(self, parts: TrainParts, state: TrainState, name: str) -> None:
-        if self.checkpoint_dir is not None:
-            save_checkpoint(training_payload(parts, state, self.meta), self.checkpoint_dir / name)
-
-    def save_last(self, parts: TrainParts, state: TrainState) -> None:
-        """``last.pt`` at ``state``; with ``keep_last > 1`` the previous one is renamed (not rewritten) to
-        ``step_<n>.pt`` first, and step files beyond the newest ``keep_last - 1`` are removed."""
-        if self.checkpoint_dir is None or self.last_step == state.step:
-            return
-        last = self.checkpoint_dir / "last.pt"
-        if self.keep_last > 1 and self.last_step is not None and last.is_file():
-            os.replace(last, self.checkpoint_dir / f"step_{self.last_step}.pt")
-            for old in step_checkpoints(self.checkpoint_dir)[self.keep_last - 1:]:
-                old.unlink()
-        self.save(parts, state, "last.pt")
-        self.last_step = state.step
 
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
@@ -278,18 +247,6 @@ def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime,
     return final
 
 
-def _roll_back(parts: TrainParts, state: TrainState, opts: FitOptions, snapshot: Snapshot) -> None:
-    failed_at = state.step
-    if state.rollbacks >= opts.max_rollbacks:
-        raise NonFiniteLoss(failed_at, [], f"trainer.on_nonfinite=rollback: still not finite after "
-                            f"{state.rollbacks} rollbacks (trainer.max_rollbacks)")
-    state.rollbacks += 1
-    snapshot.restore(parts, state, opts.rollback_lr_factor)
-    log.warning("training loss not finite by step %d: back to step %d (the last checkpoint), LR x %g (now %.3g); "
-                "rollback %d of at most %d", failed_at, state.step, opts.rollback_lr_factor,
-                parts.scheduler.get_last_lr()[0], state.rollbacks, opts.max_rollbacks)
-
-
 def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
         out: RunOutput) -> dict[str, float]:
     """Train from ``state`` to the end of the schedule (or ``max_steps``); returns the last
@@ -315,7 +272,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
         signame = train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
         if signame == ROLLBACK:
-            _roll_back(parts, state, opts, snapshot)
+            roll_back(parts, state, snapshot, opts.rollback_lr_factor, opts.max_rollbacks)
             continue
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch

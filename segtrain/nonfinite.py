@@ -15,6 +15,7 @@ train/skipped_steps too (they are expected while the scale settles, and never st
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 from segtrain.checkpoint import TrainState, rng_state, set_rng_state
 
 POLICIES = ("stop", "skip", "rollback")
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -76,6 +79,20 @@ class Snapshot:
             if "initial_lr" in group:
                 group["initial_lr"] *= lr_factor
         sched._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
+
+
+def roll_back(parts, state: TrainState, snapshot: Snapshot, lr_factor: float, max_rollbacks: int) -> None:
+    """``trainer.on_nonfinite=rollback``: back to ``snapshot`` with the LR times ``lr_factor``, or
+    ``NonFiniteLoss`` after ``max_rollbacks``."""
+    failed_at = state.step
+    if state.rollbacks >= max_rollbacks:
+        raise NonFiniteLoss(failed_at, [], f"trainer.on_nonfinite=rollback: still not finite after "
+                            f"{state.rollbacks} rollbacks (trainer.max_rollbacks)")
+    state.rollbacks += 1
+    snapshot.restore(parts, state, lr_factor)
+    log.warning("training loss not finite by step %d: back to step %d (the last checkpoint), LR x %g (now %.3g); "
+                "rollback %d of at most %d", failed_at, state.step, lr_factor,
+                parts.scheduler.get_last_lr()[0], state.rollbacks, max_rollbacks)
 
 
 def check_nonfinite_policy(tr) -> None:

@@ -17,11 +17,11 @@ from segtrain import distributed
 from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, build_runtime,
                             check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
                             seed_everything, weights_column_options)
-from segtrain.checkpoint import TrainState, resolve_resume, restore_training
+from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.nonfinite import check_nonfinite_policy
-from segtrain.signals import RunStopped, StopSignals
+from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
-from segtrain.engine import FitOptions, RunOutput, fit
+from segtrain.engine import FitOptions, fit
 from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 from segtrain.weights import compute_class_weights, weights_table
 
@@ -53,6 +53,11 @@ def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) ->
     kept = f", the {tr.keep_last - 1} before it as step_<n>.pt" if tr.keep_last > 1 else ""
     log.info("checkpoints in %s: last.pt %safter each epoch%s; best.pt at the best %s", run_dir.resolve() / "checkpoints",
              every, kept, tr.monitor)
+    policy = {"stop": "stop the run", "skip": f"skip the step (at most {tr.max_skipped} in a row)",
+              "rollback": f"back to the last checkpoint, LR x {tr.rollback_lr_factor} (at most {tr.max_rollbacks} times)"}
+    log.info("a non-finite training loss will %s (trainer.on_nonfinite=%s); SIGTERM, SIGUSR2 and Ctrl-C write last.pt "
+             "after the step in progress and exit with status %d", policy[str(tr.on_nonfinite)], tr.on_nonfinite,
+             STOPPED_EXIT_CODE)
 
 
 def check_checkpoint_policy(tr: DictConfig) -> None:
@@ -64,14 +69,21 @@ def check_checkpoint_policy(tr: DictConfig) -> None:
         raise ValueError(f"trainer.keep_last={keep!r}: expected a number of checkpoints >= 1")
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What composition (segtrain/schema.py) cannot check, before anything is written: number ranges of the
+    checkpoint and non-finite policies, and the loss terms' names and options."""
+    check_checkpoint_policy(cfg.trainer)
+    check_nonfinite_policy(cfg.trainer)
+    build_loss_fn(cfg, None, torch.device("cpu"))
+
+
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
     """Train as ``cfg`` says, writing everything under ``run_dir``; returns the best monitored score.
 
     ``overrides`` (the command line's) are stored in the checkpoints, so that
     ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
     """
-    check_checkpoint_policy(cfg.trainer)
-    check_nonfinite_policy(cfg.trainer)
+    check_config(cfg)
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))

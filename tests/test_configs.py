@@ -3,6 +3,8 @@ experiment trains under ``debug=fast``. (Loss and weights files are run term by 
 strategy by strategy in test_losses.py and test_weights.py.)"""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from omegaconf import OmegaConf
 
 from segtrain.build import build_data, build_model, inference_options
 from segtrain.checkpoint import load_checkpoint
-from segtrain.config import CONFIG_DIR, compose_config
+from segtrain.config import CONFIG_DIR, compose_config, load_option
 from segtrain.optim import param_groups
 from segtrain.train import train
 
@@ -77,7 +79,7 @@ def test_debug_config_applies(compose_cfg):
     # With another dataset on the command line, debug=fast keeps its trainer settings and nothing
     # of the synthetic set: no generate section, which would write synthetic files into the folder.
     cfg = compose_cfg(["debug=fast", "dataset=folder", "dataset.root=/data/mine", "dataset.num_classes=2"])
-    assert cfg.dataset.name == "folder" and "generate" not in cfg.dataset and cfg.trainer.max_steps == 2
+    assert cfg.dataset.name == "folder" and cfg.dataset.get("generate") is None and cfg.trainer.max_steps == 2
 
 
 @pytest.mark.slow
@@ -94,7 +96,7 @@ def test_every_experiment_trains_under_debug_fast(compose_cfg, fast_overrides, t
     for override in overrides:  # e.g. {"override /loss": "focal_dice"}: the run used that option
         ((key, option),) = override.items()
         group = key.split("/")[-1]
-        assert saved[group] == OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"), (group, option)
+        assert saved[group] == load_option(group, option), (group, option)
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["steps"] == 2 and "val/dice/spot" in metrics["final"]
 
@@ -104,3 +106,47 @@ def test_typos_fail_with_the_valid_options(compose_cfg):
         compose_cfg(["loss=focal_dcie"])
     with pytest.raises(ConfigCompositionException, match="trainer.epochz"):
         compose_cfg(["trainer.epochz=3"])
+
+
+SCHEMA_ERRORS = [  # (override, the key OmegaConf names, what it says was expected)
+    ("trainer.batch_size=eight", "trainer.batch_size", "could not be converted to Integer"),
+    ("trainer.amp=fp17", "trainer.amp", "expected one of [auto, bf16, fp16, none]"),
+    ("dataset.on_bad_label=maybe", "dataset.on_bad_label", "expected one of [error, ignore]"),
+    ("trainer.epocs=3", "trainer.epocs", "Key 'epocs' not in 'TrainerConfig'"),
+    ("trainer.on_nonfinite=retry", "trainer.on_nonfinite", "expected one of [stop, skip, rollback]"),
+    ("weights.absent=drop", "weights.absent", "expected one of [zero, error]"),
+    ("scheduler.name=linear", "scheduler.name", "expected one of [poly, cosine, none]"),
+    ("optimizer.lr=fast", "optimizer.lr", "could not be converted to Float"),
+    ("model.output_stride=16", "model.output_stride", "Key 'output_stride' not in 'UNetConfig'"),  # a DeepLabV3+ key on the UNet
+    ("dataset.augment.hflip=sometimes", "dataset.augment.hflip", "is not a valid bool"),
+]
+
+
+@pytest.mark.parametrize("override,key,expected", SCHEMA_ERRORS, ids=[e[0] for e in SCHEMA_ERRORS])
+def test_composition_refuses_a_wrong_type_choice_or_key_and_names_it(compose_cfg, override, key, expected):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg([override])
+    message = f"{err.value}\n{err.value.__cause__}"
+    assert f"full_key: {key}\n" in message and expected in message, message
+
+
+def test_a_schema_error_stops_the_command_before_its_run_directory_exists(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "segtrain", "trainer.batch_size=eight", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "full_key: trainer.batch_size" in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+def test_choices_compare_and_print_as_their_strings(compose_cfg):
+    cfg = compose_cfg(["debug=fast", "trainer.amp=bf16"])
+    amp = cfg.trainer.amp
+    assert amp == "bf16" and str(amp) == "bf16" and f"{amp}" == "bf16" and json.dumps(amp) == '"bf16"'
+    assert OmegaConf.to_yaml(cfg.trainer).count("amp: bf16") == 1
+
+
+def test_load_option_equals_the_composed_group(compose_cfg):
+    for group, option in [("weights", "effective_num"), ("dataset", "synthetic_fast"), ("model", "deeplabv3plus"),
+                          ("trainer", "default"), ("loss", "focal_dice"), ("optimizer", "sgd")]:
+        composed = compose_cfg([f"{group}={option}"])[group]
+        assert OmegaConf.to_container(load_option(group, option)) == OmegaConf.to_container(composed), (group, option)

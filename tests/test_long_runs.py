@@ -4,6 +4,7 @@ uninterrupted run ends."""
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segtrain.build import build_model
+from segtrain.build import build_data, build_loaders, build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import compose_config
 from segtrain.distributed import parameters_digest
@@ -30,35 +31,73 @@ def _digest(cfg, checkpoint: Path) -> str:
     return parameters_digest(model)
 
 
+# `python -m segtrain`, killed with SIGKILL (no handler runs, as on an OOM kill or a node failure) in the
+# middle of optimizer step KILL_AT: its update done, the step not finished, nothing written.
+KILLED_ENTRY = """
+import os, signal, sys
+import segtrain.engine as engine
+
+step, updates = engine.TrainParts.step, []
+
+def step_then_die(self, *args, **kwargs):
+    updates.append(step(self, *args, **kwargs))
+    if len(updates) == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return updates[-1]
+
+engine.TrainParts.step = step_then_die
+from segtrain.__main__ import main
+main()
+"""
+
+
 @pytest.mark.slow
-def test_sigusr2_mid_run_stops_at_a_step_and_resume_ends_identical(tmp_path):
+def test_sigusr2_or_kill_9_mid_run_then_resume_ends_identical(tmp_path, caplog):
+    """SIGUSR2: the documented exit status within one step, last.pt at that step. kill -9 with
+    trainer.checkpoint_every=5: at most 5 steps lost. Both resume to the uninterrupted run's weights and metrics."""
     common = ["debug=fast", f"dataset.root={tmp_path / 'data'}", "trainer.epochs=3", "trainer.max_steps=null",
-              "trainer.log_every=1"]
+              "trainer.log_every=1", "trainer.checkpoint_every=5"]
     cfg = compose_config(common)
     train(cfg, tmp_path / "full")  # 8 images, batch 2: 4 steps per epoch, 12 in all
     full_final = json.loads((tmp_path / "full/metrics.json").read_text())["final"]
-    # SIGUSR2 here, SIGTERM to one rank under torchrun (tests/test_distributed.py): one handler for both.
-    for signame in ("SIGUSR2",):
-        run = tmp_path / signame
-        proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in proc.stdout:  # the start-up summary comes after the handlers are in place
-            lines.append(line)
-            if "checkpoints in" in line:
-                break
-        time.sleep(0.5)
-        proc.send_signal(getattr(signal, signame))
-        lines.append(proc.communicate(timeout=300)[0])
-        log = "".join(lines)
-        assert proc.returncode == STOPPED_EXIT_CODE, log
-        step = load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"]
-        assert 0 < step < 12 and f"stopped by {signame} at step {step}" in log, log
-        assert not (run / "metrics.json").exists()
-        train(compose_config(common + ["trainer.resume=auto"]), run)
+
+    def resume_and_compare(run: Path, step: int) -> None:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segtrain.checkpoint"):
+            train(compose_config(common + ["trainer.resume=auto"]), run)
+        assert f"resumed from {run / 'checkpoints/last.pt'} at epoch {step // 4}, step {step}" in caplog.text
         assert load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"] == 12
         assert _digest(cfg, run / "checkpoints/last.pt") == _digest(cfg, tmp_path / "full/checkpoints/last.pt")
         assert json.loads((run / "metrics.json").read_text())["final"] == full_final
+
+    # SIGUSR2 here, SIGTERM to one rank under torchrun (tests/test_distributed.py): one handler for both.
+    run = tmp_path / "SIGUSR2"
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the start-up summary comes after the handlers are in place
+        lines.append(line)
+        if "checkpoints in" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR2)
+    lines.append(proc.communicate(timeout=300)[0])
+    log = "".join(lines)
+    assert proc.returncode == STOPPED_EXIT_CODE, log
+    step = load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"]
+    assert 0 < step < 12 and f"stopped by SIGUSR2 at step {step}" in log, log
+    assert not (run / "metrics.json").exists()
+    resume_and_compare(run, step)
+
+    # kill -9 during step 11: last.pt is step 10's (checkpoint_every=5, mid-epoch), one step lost.
+    entry = tmp_path / "killed_entry.py"
+    entry.write_text(KILLED_ENTRY)
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(entry), *common, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "KILL_AT": "11"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"] == 10
+    resume_and_compare(run, 10)
 
 
 def test_a_second_ctrl_c_interrupts_at_once_and_handlers_are_restored():
@@ -141,7 +180,7 @@ def test_nonfinite_rollback_returns_to_the_last_checkpoint_with_a_lower_lr(tmp_p
     run = tmp_path / "rollback"
     overrides = _nan_overrides(tmp_path, "trainer.checkpoint_every=2", "trainer.on_nonfinite=rollback",
                                "scheduler=none")
-    with caplog.at_level("WARNING", logger="segtrain.engine"):
+    with caplog.at_level("WARNING", logger="segtrain.nonfinite"):
         train(compose_config(overrides), run)
     assert "not finite by step 4: back to step 2 (the last checkpoint), LR x 0.5" in caplog.text
     metrics = json.loads((run / "metrics.json").read_text())
@@ -153,3 +192,13 @@ def test_nonfinite_rollback_returns_to_the_last_checkpoint_with_a_lower_lr(tmp_p
     assert all(torch.isfinite(w).all() for w in _weights(run / "checkpoints/last.pt"))
     # Steps 1-2 are the same before and after the rollback: step_2.pt was written once, before the NaN.
     assert load_checkpoint(run / "checkpoints/step_2.pt")["train_state"]["rollbacks"] == 0
+
+
+def test_starting_the_loaders_leaves_the_global_generator_alone(tmp_path):
+    """Dropout draws from torch's global generator; a loader must not, or a run resumed mid-epoch (which starts
+    its loader at another point of the run) takes other dropout masks than the uninterrupted run."""
+    cfg = compose_config(["debug=fast", f"dataset.root={tmp_path / 'data'}"])
+    train_loader, val_loader, _ = build_loaders(build_data(cfg.dataset), cfg, torch.device("cpu"))
+    before = torch.get_rng_state()
+    next(iter(train_loader)), next(iter(val_loader))
+    assert torch.equal(torch.get_rng_state(), before)

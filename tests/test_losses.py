@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import segtrain  # noqa: F401  (makes torchvision importable beside the CPU torch build)
-from segtrain.config import CONFIG_DIR
+from segtrain.config import CONFIG_DIR, load_option
 from segtrain.losses import (
     BinaryCrossEntropyLoss,
     BinaryDiceLoss,
@@ -499,7 +499,7 @@ def test_build_loss_errors_name_the_problem(cfg, kwargs, message):
 
 @pytest.mark.parametrize("path", LOSS_CONFIGS, ids=lambda p: p.stem)
 def test_every_loss_config_builds_and_runs(path):
-    cfg = OmegaConf.load(path)
+    cfg = load_option("loss", path.stem)
     logits, target = multiclass_batch()
     out = build_loss(cfg, WEIGHTS, num_classes=NUM_CLASSES)(logits, target)
     assert set(out) == {"loss", *cfg.terms} and torch.isfinite(out["loss"])
@@ -690,7 +690,7 @@ def test_composite_built_by_hand_fuses_once_and_reads_the_terms_options():
 @pytest.mark.parametrize("name", ["focal_dice", "ce_dice"])
 def test_loss_config_with_class_weights_takes_fused_path(name):
     """As training builds it: build_loss(config, class_weights) fuses, and equals its terms apart."""
-    cfg = OmegaConf.load(CONFIG_DIR / "loss" / f"{name}.yaml")
+    cfg = load_option("loss", name)
     loss_fn = build_loss(cfg, WEIGHTS, num_classes=NUM_CLASSES)
     logits, target = multiclass_batch(5, n=2, h=16, w=12)
     assert uses_fused_path(loss_fn(logits.clone().requires_grad_(True), target)["loss"])

@@ -19,6 +19,7 @@ from PIL import Image
 
 from segtrain.build import dataset_split
 from segtrain.data.class_stats import compute_class_stats
+from segtrain.config import load_option
 from segtrain.data.scan import counts_cache_file
 from segtrain.stats import _with_no_run_dir
 from segtrain.weights import STRATEGIES, compute_class_weights
@@ -63,7 +64,7 @@ def _assert_table_matches(stdout: str, stats, class_names, chosen: str, used: np
 
     columns = {}
     for strategy in COLUMNS:
-        options = OmegaConf.to_container(OmegaConf.load(WEIGHTS_DIR / f"{strategy}.yaml"))
+        options = OmegaConf.to_container(load_option("weights", strategy))
         columns[strategy] = compute_class_weights(stats, **options).numpy()
     for c, name in enumerate(class_names):
         cells = rows[name]
