@@ -118,25 +118,6 @@ def test_torchrun_two_ranks_share_one_run_and_match_a_single_process_evaluation(
             assert _same(final[key], single[key]), (key, final[key], single[key])
 
 
-@pytest.mark.slow
-@needs_private_network
-def test_torchrun_resume_reaches_the_same_step_and_weights(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={straight}"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={resumed}", "trainer.max_steps=1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_checkpoint(resumed / "checkpoints" / "last.pt")["train_state"]["step"] == 1
-    # Both ranks read the same last.pt and go on from step 1 of epoch 1.
-    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={resumed}", "trainer.resume=auto"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in (resumed / "train.log").read_text()
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
-    assert a["steps"] == b["steps"] == 4 and b["epochs"] == 2
-    assert a["parameters_sha256"] == b["parameters_sha256"]
-    assert len(set(b["parameters_sha256"])) == 1
-
-
 def _pid_of_rank(rank: int, tag: str, timeout: float = 120, variable: str = "RANK") -> int:
     """The worker process of ``rank`` (``variable`` in its environment: torchrun's RANK, submitit's
     SUBMITIT_LOCAL_GLOBALID) in the job whose environment holds ``tag``."""
@@ -155,11 +136,13 @@ def _pid_of_rank(rank: int, tag: str, timeout: float = 120, variable: str = "RAN
 
 @pytest.mark.slow
 @needs_private_network
-def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
-    """Both ranks save and stop at the step after the signal (one all-reduce per step); going on from that
-    last.pt under torchrun is test_torchrun_resume_reaches_the_same_step_and_weights's path."""
-    stopped = tmp_path / "stopped"
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resume_ends_identical(tmp_path):
+    """Both ranks save and stop at the step after the signal (one all-reduce per step); torchrun again with
+    trainer.resume=auto: both ranks read that last.pt and end with the uninterrupted run's weights."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     longer = ("trainer.epochs=6", "trainer.log_every=1")  # 12 steps: time for the signal to land mid-run
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={straight}", *longer))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     tag = f"SEGTRAIN_TEST_TAG={tmp_path.name}"
     cmd = [str(TORCHRUN), "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "segtrain",
@@ -180,6 +163,14 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     text = log.read_text()
     assert f"stopped by SIGTERM at step {step}" in text, text[-3000:]  # rank 0 logs what rank 1 received
     assert not (stopped / "metrics.json").exists()
+    proc = _torchrun(["-m", "segtrain"], _overrides(tmp_path, f"hydra.run.dir={stopped}", *longer,
+                                                    "trainer.resume=auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"step {step}" in log.read_text().split("resumed from")[1].splitlines()[0]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, stopped))
+    assert a["steps"] == b["steps"] == 12 and b["epochs"] == 6
+    assert a["parameters_sha256"] == b["parameters_sha256"] and len(set(b["parameters_sha256"])) == 1
+    assert a["final"].keys() == b["final"].keys() and all(_same(a["final"][k], b["final"][k]) for k in a["final"])
 
 
 FAILING_ENTRY = """
