@@ -17,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain import schema
 
 schema.register()  # the configs' defaults lists name these types (configs/*/*.yaml: /schema/...)
+# ${segtrain.if_null:${.steps},6}: 6 while trainer.steps is null, else null (configs/trainer/default.yaml).
+if not OmegaConf.has_resolver("segtrain.if_null"):
+    OmegaConf.register_new_resolver("segtrain.if_null", lambda value, default: default if value is None else None)
 
 # An absolute path: Hydra resolves a relative one against the calling module, which breaks when
 # a module is imported (the `segtrain` console script, a wrapper script under torchrun).

@@ -7,6 +7,7 @@ Each schedule is a multiplier on the base LR with an optional linear warm-up, wr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -44,6 +45,28 @@ def build_scheduler(
         return warm * decay(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run trains: ``total_steps`` (what the LR schedule spans), ``epochs`` (the last may end
+    mid-epoch) and ``stop_at`` (``trainer.max_steps`` may stop it earlier; the schedule still spans the total)."""
+
+    total_steps: int
+    epochs: int
+    stop_at: int
+
+
+def run_length(epochs: int | None, steps: int | None, max_steps: int | None, steps_per_epoch: int) -> RunLength:
+    """``trainer.epochs`` or ``trainer.steps``, exactly one of them, in optimizer steps."""
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"trainer.epochs={epochs!r} and trainer.steps={steps!r}: set exactly one of the two "
+                         "(e.g. trainer.epochs=null trainer.steps=2000, or trainer.steps=null trainer.epochs=50)")
+    for key, value in (("trainer.epochs", epochs), ("trainer.steps", steps), ("trainer.max_steps", max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r}: expected a whole number >= 1")
+    total = steps if steps is not None else epochs * steps_per_epoch
+    return RunLength(total, math.ceil(total / steps_per_epoch), min(total, max_steps or total))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

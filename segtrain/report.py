@@ -27,7 +27,8 @@ def hparams_of(cfg: DictConfig, amp: torch.dtype | None) -> dict:
         "lr": cfg.optimizer.lr,
         "scheduler": cfg.scheduler.name,
         "batch_size": cfg.trainer.batch_size,
-        "epochs": cfg.trainer.epochs,
+        "epochs": cfg.trainer.epochs if cfg.trainer.epochs is not None else -1,  # -1: set in steps
+        "steps": cfg.trainer.get("steps") if cfg.trainer.get("steps") is not None else -1,
         "amp": str(amp).replace("torch.", "") if amp else "none",
         "seed": cfg.seed,
     }

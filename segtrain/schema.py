@@ -45,7 +45,9 @@ class TrainerConfig:
     amp: Amp = Amp.auto
     channels_last: bool = False
     compile: bool = False
-    epochs: int = MISSING
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    min_steps_warning: int = 500
     batch_size: int = MISSING
     num_workers: Any = "auto"  # auto or a count
     pin_memory: Any = "auto"  # auto, true or false

@@ -19,6 +19,7 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             seed_everything, weights_column_options)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.nonfinite import check_nonfinite_policy
+from segtrain.optim import RunLength, run_length
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, fit
@@ -28,23 +29,30 @@ from segtrain.weights import compute_class_weights, weights_table
 log = logging.getLogger(__name__)
 
 
-def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, rt, stop: StopSignals) -> FitOptions:
+def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, length: RunLength, rt,
+                 stop: StopSignals) -> FitOptions:
     tr = cfg.trainer
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     return FitOptions(
-        epochs=tr.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
+        epochs=length.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
-        log_every=tr.log_every, eval_every=tr.eval_every, max_steps=tr.max_steps, monitor=tr.monitor,
+        log_every=tr.log_every, eval_every=tr.eval_every,
+        max_steps=length.stop_at if length.stop_at < length.epochs * steps_per_epoch else None, monitor=tr.monitor,
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
         rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks)
 
 
-def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, tr: DictConfig) -> None:
+def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, length: RunLength, tr: DictConfig) -> None:
     log.info("run directory: %s", run_dir.resolve())
-    log.info("device %s, amp %s, %d train / %d val images, %d steps per epoch, %d epochs", rt.device,
-             rt.amp_dtype or "none", len(data.train_set), len(data.val_set), steps_per_epoch, tr.epochs)
+    until = f", stopping at step {length.stop_at} (trainer.max_steps)" if length.stop_at < length.total_steps else ""
+    log.info("device %s, amp %s, %d train / %d val images; %d optimizer steps in total = %d per epoch x %s epochs%s",
+             rt.device, rt.amp_dtype or "none", len(data.train_set), len(data.val_set), length.total_steps,
+             steps_per_epoch, f"{length.total_steps / steps_per_epoch:g}", until)
+    if length.stop_at < tr.min_steps_warning:
+        log.warning("%d optimizer steps in total: too few for most real datasets; set trainer.steps or trainer.epochs "
+                    "(this warning: trainer.min_steps_warning=%d)", length.stop_at, tr.min_steps_warning)
     ranks = distributed.world_size()
     log.info("global batch %d = %d per rank x %d rank%s x %d accumulation step%s", tr.batch_size * ranks * tr.grad_accum,
              tr.batch_size, ranks, "s" if ranks > 1 else "", tr.grad_accum, "s" if tr.grad_accum > 1 else "")
@@ -70,10 +78,11 @@ def check_checkpoint_policy(tr: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """What composition (segtrain/schema.py) cannot check, before anything is written: number ranges of the
-    checkpoint and non-finite policies, and the loss terms' names and options."""
+    """What composition (segtrain/schema.py) cannot check, before anything is written: trainer.epochs or
+    trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options."""
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
+    run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
 
 
@@ -106,7 +115,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     train_loader, val_loader, steps_per_epoch = build_loaders(data, cfg, rt.device)
     model = place_model(build_model(cfg.model), rt)
     loss_fn = build_loss_fn(cfg, class_weights, rt.device)
-    parts = build_parts(cfg, model, rt, total_steps=steps_per_epoch * tr.epochs)
+    length = run_length(tr.epochs, tr.steps, tr.max_steps, steps_per_epoch)
+    parts = build_parts(cfg, model, rt, total_steps=length.total_steps)
 
     state = TrainState()
     candidates = resolve_resume(tr.resume, run_dir)
@@ -120,7 +130,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         parts.net = torch.compile(parts.net)
 
     stop = StopSignals().install()  # SIGTERM, SIGUSR2, Ctrl-C: last.pt at the next step, then RunStopped
-    _log_start(run_dir, rt, data, steps_per_epoch, tr)
+    _log_start(run_dir, rt, data, steps_per_epoch, length, tr)
     logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std) \
         if main_process else None
     if logger is not None:
@@ -131,7 +141,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     start = time.perf_counter()
     try:
         final = fit(parts, train_loader, val_loader, loss_fn, rt, state,
-                    _fit_options(cfg, class_names, steps_per_epoch, rt, stop), out)
+                    _fit_options(cfg, class_names, steps_per_epoch, length, rt, stop), out)
         if logger is not None:
             logger.hparams(hparams_of(cfg, rt.amp_dtype), hparams_metrics(final, state.best_metrics))
             logger.text("data/class_statistics", table, state.step)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
-from segtrain.optim import build_scheduler, param_groups
+from segtrain.optim import RunLength, build_scheduler, param_groups, run_length
 
 
 def _lrs(name, steps=10, **kw):
@@ -62,3 +62,34 @@ def test_load_refuses_pickled_objects_and_names_the_file(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_run_length_in_epochs_or_steps():
+    assert run_length(3, None, None, steps_per_epoch=4) == RunLength(total_steps=12, epochs=3, stop_at=12)
+    assert run_length(None, 10, None, steps_per_epoch=4) == RunLength(10, 3, 10)  # ends 2 steps into epoch 3
+    assert run_length(None, 10, 7, steps_per_epoch=4) == RunLength(10, 3, 7)
+    with pytest.raises(ValueError, match=r"trainer.epochs=3 and trainer.steps=10: set exactly one of the two"):
+        run_length(3, 10, None, steps_per_epoch=4)
+    with pytest.raises(ValueError, match="set exactly one"):
+        run_length(None, None, None, steps_per_epoch=4)
+    with pytest.raises(ValueError, match=r"trainer.steps=0: expected a whole number >= 1"):
+        run_length(None, 0, None, steps_per_epoch=4)
+
+
+def test_trainer_steps_trains_exactly_that_many_steps_to_a_zero_poly_lr(tmp_path, caplog):
+    from segtrain.config import compose_config
+    from segtrain.train import train
+
+    overrides = ["debug=fast", f"dataset.root={tmp_path / 'data'}", "trainer.max_steps=null", "trainer.epochs=null",
+                 "trainer.steps=6", "trainer.min_steps_warning=500", "scheduler=poly"]
+    with caplog.at_level("INFO", logger="segtrain.train"):
+        train(compose_config(overrides), tmp_path / "run")
+    assert "6 optimizer steps in total = 4 per epoch x 1.5 epochs" in caplog.text
+    assert ("6 optimizer steps in total: too few for most real datasets; set trainer.steps or trainer.epochs"
+            in caplog.text)
+    last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert last["train_state"]["step"] == 6 and last["train_state"]["step_in_epoch"] == 2
+    assert last["scheduler"]["last_epoch"] == 6 and all(g["lr"] == 0.0 for g in last["optimizer"]["param_groups"])
+    with pytest.raises(ValueError, match="set exactly one of the two"):  # before the run directory exists
+        train(compose_config(overrides + ["trainer.epochs=2"]), tmp_path / "both")
+    assert not (tmp_path / "both").exists()
