@@ -48,6 +48,9 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps without an update: trainer.on_nonfinite=skip, GradScaler overflows
     skipped_in_a_row: int = 0
     rollbacks: int = 0  # trainer.on_nonfinite=rollback
+    early_best: float | None = None  # trainer.early_stopping: the best monitored value that counted as progress
+    evals_without_progress: int = 0
+    early_stop: str | None = None  # why the run stopped early; a resumed run does not train further
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

@@ -1,9 +1,8 @@
 """The training loop: ``train_one_epoch``, ``evaluate`` and ``fit``.
 
-Precision is chosen once (``Runtime``); the loop itself never branches on it except for the
-GradScaler, which only fp16 needs. The loss is read back to the host only every
-``log_every`` steps (``TrainMeter.flush``), so a GPU is never stalled by a per-step ``.item()``.
-"""
+Precision is chosen once (``Runtime``); the loop never branches on it except for the GradScaler, which only
+fp16 needs. The loss is read back to the host only every ``log_every`` steps (``TrainMeter.flush``), so a
+GPU is never stalled by a per-step ``.item()``."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from segtrain import distributed
 from segtrain.checkpoint import RunOutput, TrainState
+from segtrain.early_stopping import EarlyStopping
 from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
@@ -38,9 +38,7 @@ class Runtime:
     channels_last: bool = False
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -114,6 +112,7 @@ class FitOptions:
     max_skipped: int = 10  # skip: this many skipped steps in a row stop the run
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    early_stopping: EarlyStopping | None = None
 
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
@@ -122,8 +121,7 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
     ``on_step`` runs after every optimizer step but the epoch's last (which the caller handles).
     Returns the signal that stopped the epoch early (``opts.stop``), if one did, or ``ROLLBACK`` when the
     loss was not finite under ``trainer.on_nonfinite=rollback`` (``stop``: raises ``NonFiniteLoss``)."""
-    net = parts.net
-    net.train()
+    net = parts.net.train()
     steps = opts.steps_per_epoch - state.step_in_epoch
     if opts.max_steps is not None:
         steps = min(steps, opts.max_steps - state.step)
@@ -244,6 +242,9 @@ def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime,
         state.best_score = score
         state.best_metrics = {**final, "epoch": state.epoch, "step": state.step}
         out.save(parts, state, "best.pt")
+    if opts.early_stopping is not None and (reason := opts.early_stopping.update(state, score)):
+        state.early_stop = reason
+        log.warning("early stop at step %d: %s", state.step, reason)
     return final
 
 
@@ -255,7 +256,6 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
     ``best.pt`` whenever ``opts.monitor`` improves."""
     final: dict[str, float] = {}
     sampler = train_loader.sampler
-    every = opts.checkpoint_every
     snapshot = Snapshot.take(parts, state) if opts.on_nonfinite == "rollback" else None
 
     def save_last() -> None:
@@ -265,10 +265,10 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             snapshot = Snapshot.take(parts, state)
 
     def checkpoint_on_schedule() -> None:
-        if every and state.step % every == 0:
+        if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
             save_last()
 
-    while state.epoch < opts.epochs:
+    while state.epoch < opts.epochs and state.early_stop is None:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * opts.grad_accum * opts.batch_size)
         signame = train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, out.logger, checkpoint_on_schedule)
         if signame == ROLLBACK:
@@ -277,8 +277,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         stopping = opts.max_steps is not None and state.step >= opts.max_steps
         epoch_done = state.step_in_epoch == opts.steps_per_epoch
         if epoch_done:
-            state.epoch += 1
-            state.step_in_epoch = 0
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
         # Without SyncBatchNorm each rank's BatchNorm statistics drifted apart: evaluate and save rank 0's.
         distributed.broadcast_buffers(parts.model)
         evaluate_now = stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0)
@@ -290,10 +289,10 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         if signame:
             raise RunStopped(signame, state.step, out.checkpoint_dir / "last.pt" if out.checkpoint_dir else "last.pt",
                              opts.stop.previous.get(signame))
-        if stopping:
+        if stopping or state.early_stop:
             break
-    if not final:  # resumed from a finished run: nothing left to train, still report
-        final = flatten_metrics(evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names),
-                                         opts.ignore_index, inference=opts.inference).metrics, opts.class_names,
-                                "val")
+    if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
+        result = evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
+                          inference=opts.inference)
+        final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final

@@ -69,6 +69,7 @@ def write_metrics_json(path: Path, cfg: DictConfig, class_names: list[str], stat
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "rollbacks": state.rollbacks,
+        "early_stop": state.early_stop,  # null, or why the run stopped before the end of its schedule
         "wall_time_s": wall_time_s,
         "train_time_s": state.train_seconds,
         "images_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,

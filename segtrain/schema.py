@@ -40,6 +40,12 @@ Schedule = Choice("Schedule", {n: n for n in ("poly", "cosine", "none")})
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"
     amp: Amp = Amp.auto
@@ -65,6 +71,7 @@ class TrainerConfig:
     max_skipped: int = 10
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = None
     progress: bool = True
     num_samples: int = 4

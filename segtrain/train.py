@@ -18,6 +18,7 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
                             seed_everything, weights_column_options)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
+from segtrain.early_stopping import EarlyStopping, check_early_stopping
 from segtrain.nonfinite import check_nonfinite_policy
 from segtrain.optim import RunLength, run_length
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
@@ -41,7 +42,9 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         max_steps=length.stop_at if length.stop_at < length.epochs * steps_per_epoch else None, monitor=tr.monitor,
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
-        rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks)
+        rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
+        early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
+            tr.early_stopping.patience, tr.early_stopping.min_delta, str(tr.monitor_mode), tr.monitor))
 
 
 def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, length: RunLength, tr: DictConfig) -> None:
@@ -82,6 +85,7 @@ def check_config(cfg: DictConfig) -> None:
     trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options."""
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
+    check_early_stopping(cfg.trainer.early_stopping)
     run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
 
@@ -124,6 +128,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     if candidates:
         state, resumed_from = restore_training(candidates, parts, class_weights)
         last_step = state.step if resumed_from == run_dir / "checkpoints" / "last.pt" else None
+        if state.early_stop:
+            log.info("the run stopped early at step %d (%s): evaluating, not training further", state.step,
+                     state.early_stop)
     # DDP after the restore (it broadcasts rank 0's weights), torch.compile around the whole.
     parts.net = distributed.wrap_model(model, rt.device, cfg.model.get("sync_bn", "auto"))
     if tr.compile:

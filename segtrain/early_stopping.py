@@ -1,0 +1,44 @@
+"""Early stopping on ``trainer.monitor``, counted in evaluations (``trainer.early_stopping``).
+
+Patience counts evaluations, not epochs: with ``trainer.eval_every=5`` a patience of 3 is 15 epochs.
+An evaluation counts as progress only when the monitored value beats the best so far by more than
+``min_delta`` (in the metric's units); small gains add up against that best, which moves only on
+progress. The monitor may be any logged metric, a per-class one included (``val/dice/spot``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    patience: int  # evaluations without progress that end the run
+    min_delta: float = 0.0
+    mode: str = "max"  # trainer.monitor_mode
+    monitor: str = "val/mDice"
+
+    def update(self, state, score: float) -> str | None:
+        """Count one evaluation's ``score`` in ``state`` (an ``engine.TrainState``); the reason to stop, if any."""
+        best = state.early_best
+        gain = math.nan if best is None else (score - best if self.mode == "max" else best - score)
+        if best is None or gain > self.min_delta:  # NaN scores never count as progress
+            if not math.isnan(score):
+                state.early_best, state.evals_without_progress = score, 0
+                return None
+        state.evals_without_progress += 1
+        if state.evals_without_progress < self.patience:
+            return None
+        return (f"{self.monitor} has not improved by more than {self.min_delta:g} on {best:.4g} for "
+                f"{state.evals_without_progress} evaluations (trainer.early_stopping.patience={self.patience})")
+
+
+def check_early_stopping(es) -> None:
+    """trainer.early_stopping.patience (null = off, or >= 1) and min_delta (>= 0), before anything runs."""
+    patience, delta = es.patience, es.min_delta
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"trainer.early_stopping.patience={patience!r}: expected null (off) or a number of "
+                         "evaluations >= 1")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
+        raise ValueError(f"trainer.early_stopping.min_delta={delta!r}: expected a number >= 0, in the metric's units")
