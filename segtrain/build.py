@@ -1,10 +1,8 @@
 """Config -> objects: runtime, datasets and loaders, model, loss, optimizer.
 
-Every entry point (training, evaluation, the statistics report, the scripts) composes its
-objects here, so a run, its evaluation and its benchmarks see the same data and model. This
-and the entry points are the only code that reads the config tree; what they build takes
-plain arguments.
-"""
+Every entry point (training, evaluation, the statistics report, the scripts) composes its objects here, so a
+run, its evaluation and its benchmarks see the same data and model. This and the entry points are the only
+code that reads the config tree; what they build takes plain arguments."""
 
 from __future__ import annotations
 
@@ -27,7 +25,8 @@ from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_syn
 from segtrain.data.class_stats import ClassStats
 from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
-from segtrain.engine import Runtime, TrainParts
+from segtrain.ema import WeightEma
+from segtrain.parts import Runtime, TrainParts
 from segtrain.errors import check_choice, choice_message
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
@@ -292,8 +291,10 @@ def build_loss_fn(cfg: DictConfig, class_weights, device: torch.device) -> Compo
 
 
 def build_parts(cfg: DictConfig, model: torch.nn.Module, rt: Runtime, total_steps: int) -> TrainParts:
-    """Optimizer (weight decay on conv/linear weights only), per-step LR schedule, GradScaler (fp16 only)."""
+    """Optimizer (weight decay on conv/linear weights only), per-step LR schedule, GradScaler (fp16 only), EMA."""
     optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    return TrainParts(model, optimizer, scheduler, scaler)
+    ema = cfg.trainer.ema
+    return TrainParts(model, optimizer, scheduler, scaler, ema=None if ema.decay is None else
+                      WeightEma(model, ema.decay, ema.warmup))

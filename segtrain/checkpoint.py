@@ -209,9 +209,18 @@ class SavedModel:
     path: Path
     config: DictConfig  # the run's resolved config
     overrides: list[str]  # its command line, for composing further overrides on top
-    weights: dict[str, torch.Tensor]  # the model's state dict
+    weights: dict[str, torch.Tensor]  # the model's state dict: the EMA weights when the run evaluated those
     class_names: list[str]
     class_weights: torch.Tensor | None
+    ema_weights: dict[str, torch.Tensor] | None = None  # trainer.ema's average, when the run kept one
+    raw_weights: dict[str, torch.Tensor] | None = None
+
+    def choose_weights(self, config: DictConfig) -> SavedModel:
+        """``weights`` = the EMA weights when there are some and ``config``'s trainer.ema.evaluate (as the run
+        evaluated and chose best.pt), else the trained weights."""
+        use_ema = self.ema_weights is not None and OmegaConf.select(config, "trainer.ema.evaluate", default=True)
+        self.weights = self.ema_weights if use_ema else self.raw_weights
+        return self
 
 
 def read_for_inference(path: str | Path) -> SavedModel:
@@ -221,11 +230,15 @@ def read_for_inference(path: str | Path) -> SavedModel:
     if missing:
         raise ValueError(f"{path}: not a segtrain checkpoint (no {', '.join(missing)}); expected a "
                          "checkpoints/last.pt or best.pt written by python -m segtrain")
-    return SavedModel(Path(path), OmegaConf.create(ckpt["config"]), list(ckpt.get("overrides", [])), ckpt["model"],
-                      list(ckpt["class_names"]), ckpt.get("class_weights"))
+    config = OmegaConf.create(ckpt["config"])
+    ema = ckpt["ema"]["module"] if "ema" in ckpt else None
+    saved = SavedModel(Path(path), config, list(ckpt.get("overrides", [])), ckpt["model"], list(ckpt["class_names"]),
+                       ckpt.get("class_weights"), ema, ckpt["model"])
+    return saved.choose_weights(config)
 
 
 def read_with_overrides(path: str | Path, overrides: list[str] | None = None) -> tuple[SavedModel, DictConfig]:
     """The checkpoint, and its config with ``overrides`` applied (``config.apply_overrides``)."""
     saved = read_for_inference(path)
-    return saved, apply_overrides(saved.config, saved.overrides, list(overrides or []))
+    cfg = apply_overrides(saved.config, saved.overrides, list(overrides or []))
+    return saved.choose_weights(cfg), cfg

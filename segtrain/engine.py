@@ -24,69 +24,12 @@ from segtrain.inference import InferenceOptions, infer_batch
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
 from segtrain.nonfinite import NonFiniteLoss, Snapshot, roll_back
+from segtrain.parts import Runtime, TrainParts
 from segtrain.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
 
 ROLLBACK = "rollback"  # train_one_epoch's answer when the run must go back to its last checkpoint
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def autocast(self):
-        return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=fmt)
-        return images, masks.to(self.device, non_blocking=True)
-
-
-@dataclass
-class TrainParts:
-    """What an optimizer step changes. ``model`` is the plain module (its keys are the
-    checkpoint's); ``net`` runs the steps: ``model`` inside DDP and/or torch.compile, or itself."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    net: torch.nn.Module | None = None
-
-    def __post_init__(self) -> None:
-        self.net = self.model if self.net is None else self.net
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-
-    def step(self, grad_clip: float | None, update: bool = True) -> bool:
-        """One optimizer step (``update=False``: the gradients dropped, only the LR schedule moves on).
-        Returns whether the step went without an update, counting the GradScaler's overflow skips."""
-        skipped = not update
-        if update:
-            if grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-            # fp16 only: the scaler lowers its scale exactly when it skips the step (it reads its overflow
-            # flag to the host in step() anyway, so these two reads add no stall).
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = scale is not None and self.scaler.get_scale() < scale
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return skipped
 
 
 @dataclass(frozen=True)
@@ -113,6 +56,7 @@ class FitOptions:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     early_stopping: EarlyStopping | None = None
+    ema_evaluate: bool = True  # with trainer.ema: evaluate (and choose best.pt by) the averaged weights
 
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
@@ -227,8 +171,8 @@ def _improved(score: float, best: float | None, mode: str) -> bool:
 
 def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime, state: TrainState,
                             opts: FitOptions, out: RunOutput) -> dict[str, float]:
-    result = evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
-                      opts.num_samples if out.logger is not None else 0, opts.inference)
+    result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
+                      opts.ignore_index, opts.num_samples if out.logger is not None else 0, opts.inference)
     final = flatten_metrics(result.metrics, opts.class_names, "val")
     log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
              format_table(result.metrics, opts.class_names))
@@ -279,7 +223,8 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         # Without SyncBatchNorm each rank's BatchNorm statistics drifted apart: evaluate and save rank 0's.
-        distributed.broadcast_buffers(parts.model)
+        for module in (parts.model, parts.ema.module) if parts.ema is not None else (parts.model,):
+            distributed.broadcast_buffers(module)
         evaluate_now = stopping or state.epoch == opts.epochs or (epoch_done and state.epoch % opts.eval_every == 0)
         if evaluate_now and (epoch_done or not signame):  # a signal mid-epoch: save and go, no evaluation
             final = _evaluate_and_keep_best(parts, val_loader, loss_fn, rt, state, opts, out)
@@ -292,7 +237,8 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
         if stopping or state.early_stop:
             break
     if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
-        result = evaluate(parts.net, val_loader, loss_fn, rt, len(opts.class_names), opts.ignore_index,
+        result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
+                          opts.ignore_index,
                           inference=opts.inference)
         final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final

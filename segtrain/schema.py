@@ -46,6 +46,13 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: Optional[float] = None
+    evaluate: bool = True
+    warmup: bool = True
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"
     amp: Amp = Amp.auto
@@ -72,6 +79,7 @@ class TrainerConfig:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     resume: Optional[str] = None
     progress: bool = True
     num_samples: int = 4

@@ -43,7 +43,7 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
         rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
-        early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
+        ema_evaluate=tr.ema.evaluate, early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
             tr.early_stopping.patience, tr.early_stopping.min_delta, str(tr.monitor_mode), tr.monitor))
 
 
@@ -86,6 +86,9 @@ def check_config(cfg: DictConfig) -> None:
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
     check_early_stopping(cfg.trainer.early_stopping)
+    decay = cfg.trainer.ema.decay
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ValueError(f"trainer.ema.decay={decay!r}: expected a number in (0, 1), e.g. 0.999, or null (off)")
     run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
 
