@@ -129,10 +129,47 @@ def test_unknown_encoder_lists_valid_names():
 
 
 def test_output_stride_unsupported_lists_supporting_encoders():
-    with pytest.raises(ValueError, match=r"'mobilenet_v3_large'.*output_stride=8.*resnet18"):
-        DeepLabV3Plus(num_classes=3, encoder="mobilenet_v3_large", output_stride=8)
-    assert "mobilenet_v3_large" not in encoders_supporting(8)
-    assert "mobilenet_v3_large" in encoders_supporting(16)
+    with pytest.raises(ValueError, match=r"'mobilenet_v3_large' does not support output_stride=4.*none"):
+        build_encoder("mobilenet_v3_large", output_stride=4)
+    assert encoders_supporting(8) == encoders_supporting(16) == list(ENCODERS)
+
+
+# One encoder of each family (each dilation code path) in every run; the rest under `-m grid` (~3 minutes here).
+FAMILY_REPRESENTATIVES = ("resnet18", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name if name in FAMILY_REPRESENTATIVES else pytest.param(name, marks=pytest.mark.grid)
+                                  for name in ENCODERS])
+def test_every_encoder_under_both_architectures_and_both_strides_gives_full_resolution_logits(name):
+    """UNet (stride 32) and DeepLabV3+ at output stride 16 and 8: forward and backward at a size that is not a
+    multiple of 32, logits at the input's resolution, a gradient reaching the first convolution."""
+    x = torch.randn(1, 3, 37, 45)
+    for model in (UNet(num_classes=3, encoder=name, decoder_channels=SMALL_DECODER),
+                  DeepLabV3Plus(num_classes=3, encoder=name, output_stride=16),
+                  DeepLabV3Plus(num_classes=3, encoder=name, output_stride=8)):
+        model.eval()  # batch 1: BatchNorm in eval mode
+        logits = model(x)
+        assert logits.shape == (1, 3, 37, 45), (name, type(model).__name__)
+        logits.square().mean().backward()
+        first = model.encoder.first_conv.weight.grad
+        assert first is not None and torch.isfinite(first).all() and first.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_convnext_dilation_is_the_a_trous_identity(output_stride):
+    """No global pooling in ConvNeXt: the dilated encoder's deepest features at every (32 / output_stride)-th
+    position are the stride-32 encoder's, with the same weights."""
+    torch.manual_seed(0)
+    strided, dilated = build_encoder("convnext_tiny").eval(), build_encoder("convnext_tiny", output_stride=output_stride)
+    # Same modules in the same order; the dilated 2x2 downsampling convs sit inside a RightPad (".conv").
+    dilated.load_state_dict(dict(zip(dilated.state_dict(), strided.state_dict().values())))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, actual = strided(x)[-1], dilated.eval()(x)[-1]
+    step = 32 // output_stride
+    assert actual.shape[-1] == 64 // output_stride
+    torch.testing.assert_close(actual[..., ::step, ::step], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_decoder_channels_length_checked():
@@ -143,12 +180,14 @@ def test_decoder_channels_length_checked():
 @pytest.mark.slow
 def test_every_encoder_matches_its_declared_pyramid():
     x = torch.randn(1, 3, 64, 64)
-    for name in ENCODERS:
-        encoder = build_encoder(name).eval()
-        with torch.no_grad():
-            features = encoder(x)
-        assert tuple(f.shape[1] for f in features) == encoder.channels, name
-        assert tuple(64 // f.shape[-1] for f in features) == encoder.strides, name
+    for name in ENCODERS:  # output strides 16 and 8 of the others: the grid test (-m grid)
+        for output_stride in (32, 16, 8) if name in FAMILY_REPRESENTATIVES else (32,):
+            encoder = build_encoder(name, output_stride=output_stride).eval()
+            with torch.no_grad():
+                features = encoder(x)
+            assert tuple(f.shape[1] for f in features) == encoder.channels, name
+            assert tuple(64 // f.shape[-1] for f in features) == encoder.strides, name
+            assert max(encoder.strides) == output_stride, name
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])

@@ -21,13 +21,13 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import get_model_builder, get_model_weights
 
 from segtrain.errors import choice_message
+from segtrain.models.dilation import dilate_resnet, dilate_stages
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,14 @@ _SPECS: dict[str, _Spec] = {
     "resnext50_32x4d": _Spec("resnet", _BOTTLENECK, _DILATABLE),
     "resnext101_32x8d": _Spec("resnet", _BOTTLENECK, _DILATABLE),
     "wide_resnet50_2": _Spec("resnet", _BOTTLENECK, _DILATABLE),
-    # torchvision's `dilated=True` dilates only the last stage, so stride 16 but not 8.
-    "mobilenet_v3_large": _Spec("mobilenet_v3", (16, 24, 40, 112, 160), (16, 32)),
-    "efficientnet_b0": _Spec("efficientnet", (16, 24, 40, 112, 320), (32,)),
-    "efficientnet_b1": _Spec("efficientnet", (16, 24, 40, 112, 320), (32,)),
-    "efficientnet_b2": _Spec("efficientnet", (16, 24, 48, 120, 352), (32,)),
-    "efficientnet_b3": _Spec("efficientnet", (24, 32, 48, 136, 384), (32,)),
-    "efficientnet_b4": _Spec("efficientnet", (24, 32, 56, 160, 448), (32,)),
-    "convnext_tiny": _Spec("convnext", (96, 192, 384, 768), (32,)),
-    "convnext_small": _Spec("convnext", (96, 192, 384, 768), (32,)),
+    "mobilenet_v3_large": _Spec("mobilenet_v3", (16, 24, 40, 112, 160), _DILATABLE),
+    "efficientnet_b0": _Spec("efficientnet", (16, 24, 40, 112, 320), _DILATABLE),
+    "efficientnet_b1": _Spec("efficientnet", (16, 24, 40, 112, 320), _DILATABLE),
+    "efficientnet_b2": _Spec("efficientnet", (16, 24, 48, 120, 352), _DILATABLE),
+    "efficientnet_b3": _Spec("efficientnet", (24, 32, 48, 136, 384), _DILATABLE),
+    "efficientnet_b4": _Spec("efficientnet", (24, 32, 56, 160, 448), _DILATABLE),
+    "convnext_tiny": _Spec("convnext", (96, 192, 384, 768), _DILATABLE),
+    "convnext_small": _Spec("convnext", (96, 192, 384, 768), _DILATABLE),
 }
 
 ENCODERS: tuple[str, ...] = tuple(_SPECS)
@@ -133,7 +132,7 @@ def build_encoder(
         state dict whose first conv already has ``in_channels`` inputs is loaded as is.
         Without weights the new conv is Kaiming-normal (fan_out) initialised.
     output_stride: 32 (no dilation), or 16/8 where ``encoders_supporting`` lists the encoder.
-        ResNets replace strides by dilation; MobileNetV3 uses torchvision's ``dilated=True``.
+        The deepest stages trade their stride for dilation (``segtrain.models.dilation``).
     """
     if name not in _SPECS:
         raise ValueError(choice_message("encoder", name, ENCODERS, "is unknown"))
@@ -145,12 +144,9 @@ def build_encoder(
         raise ValueError(f"encoder {name!r} does not support output_stride={output_stride} (it supports "
                          f"{', '.join(map(str, spec.output_strides))}); encoders that support "
                          f"output_stride={output_stride}: {', '.join(supporting)}")
-    kwargs: dict[str, Any] = {}
-    if spec.family == "mobilenet_v3" and output_stride == 16:
-        kwargs["dilated"] = True
-    model = get_model_builder(name)(weights=None, **kwargs)
+    model = get_model_builder(name)(weights=None)
     if spec.family == "resnet" and output_stride < 32:
-        _dilate_resnet(model, output_stride)
+        dilate_resnet(model, output_stride)
 
     first_conv_name = _FIRST_CONV.get(spec.family, "features.0.0")
     state, source = _resolve_weights(name, weights)
@@ -167,6 +163,8 @@ def build_encoder(
             _replace_first_conv(model, first_conv_name, in_channels, init_from=rgb)
 
     stages = _split_stages(model, spec.family)
+    if spec.family != "resnet" and output_stride < 32:
+        dilate_stages(stages[-{16: 1, 8: 2}[output_stride]:])
     base_strides = (4, 8, 16, 32) if spec.family == "convnext" else (2, 4, 8, 16, 32)
     strides = tuple(min(s, output_stride) for s in base_strides)
     return Encoder(name, stages, spec.channels, strides)
@@ -182,28 +180,6 @@ def _split_stages(model: nn.Module, family: str) -> list[nn.Module]:
             model.layer4,
         ]
     return [model.features[start:stop] for start, stop in _FEATURE_SLICES[family]]
-
-
-def _dilate_resnet(model: nn.Module, output_stride: int) -> None:
-    """Swap the strides of the deepest ResNet layers for dilation, after construction.
-
-    torchvision's ``replace_stride_with_dilation`` raises NotImplementedError for
-    BasicBlock (resnet18/34), so every ResNet is dilated here with torchvision's Bottleneck
-    rule: the first block of a dilated layer keeps the previous dilation, the rest double it.
-    """
-    layers = {16: ("layer4",), 8: ("layer3", "layer4")}[output_stride]
-    dilation = 1
-    for layer_name in layers:
-        previous, dilation = dilation, dilation * 2
-        for index, block in enumerate(getattr(model, layer_name)):
-            rate = previous if index == 0 else dilation
-            for conv in block.modules():
-                if not isinstance(conv, nn.Conv2d):
-                    continue
-                conv.stride = (1, 1)
-                if conv.kernel_size == (3, 3):
-                    conv.dilation = (rate, rate)
-                    conv.padding = (rate, rate)
 
 
 def _replace_first_conv(
