@@ -174,8 +174,8 @@ def restore_training(candidates: list[Path], parts, class_weights: torch.Tensor)
 
 @dataclass
 class RunOutput:
-    """Where a run writes (``parts`` below is an ``engine.TrainParts``): checkpoints (``None``: nowhere, as on DDP ranks other than 0), the
-    TensorBoard logger, and what every checkpoint carries besides the training state."""
+    """Where a run writes: checkpoints (``None``: nowhere, as on DDP ranks other than 0), the TensorBoard
+    logger, and what every checkpoint carries besides the training state. ``parts``: an ``engine.TrainParts``."""
 
     checkpoint_dir: Path | None = None
     logger: Any = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from segtrain.errors import check_count
+
 
 @dataclass(frozen=True)
 class EarlyStopping:
@@ -37,8 +39,7 @@ class EarlyStopping:
 def check_early_stopping(es) -> None:
     """trainer.early_stopping.patience (null = off, or >= 1) and min_delta (>= 0), before anything runs."""
     patience, delta = es.patience, es.min_delta
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"trainer.early_stopping.patience={patience!r}: expected null (off) or a number of "
-                         "evaluations >= 1")
+    if patience is not None:
+        check_count("trainer.early_stopping.patience", patience, "null (off) or a number of evaluations")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
         raise ValueError(f"trainer.early_stopping.min_delta={delta!r}: expected a number >= 0, in the metric's units")

@@ -19,10 +19,15 @@ from typing import Any
 import torch
 
 
+def check_decay(decay: float) -> None:
+    """trainer.ema.decay: in (0, 1)."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"trainer.ema.decay={decay!r}: expected a number in (0, 1), e.g. 0.999, or null (off)")
+
+
 class WeightEma:
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True, power: float = 2 / 3) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"trainer.ema.decay={decay!r}: expected a number in (0, 1), e.g. 0.999, or null (off)")
+        check_decay(decay)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.power = decay, warmup, power
         self.updates = 0

@@ -58,6 +58,10 @@ class FitOptions:
     early_stopping: EarlyStopping | None = None
     ema_evaluate: bool = True  # with trainer.ema: evaluate (and choose best.pt by) the averaged weights
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether ``checkpoint_every`` asks for last.pt after optimizer step ``step``."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+
 
 def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: TrainState, opts: FitOptions,
                     logger=None, on_step: Callable[[], None] | None = None) -> str | None:
@@ -96,9 +100,8 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
                                 "a row (trainer.max_skipped)")
         bar.update(1)
         stop = opts.stop.requested(rt.device) if opts.stop is not None else None
-        checkpoint_due = bool(opts.checkpoint_every) and state.step % opts.checkpoint_every == 0
         # The loss is read before every checkpoint, so that no checkpoint holds weights after a non-finite step.
-        if meter.steps == opts.log_every or i == steps - 1 or stop or checkpoint_due:
+        if meter.steps == opts.log_every or i == steps - 1 or stop or opts.checkpoint_due(state.step):
             interval = meter.flush(parts.scheduler.get_last_lr()[0], rt.device)
             state.train_seconds += interval.seconds
             state.images_seen += interval.images
@@ -209,7 +212,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             snapshot = Snapshot.take(parts, state)
 
     def checkpoint_on_schedule() -> None:
-        if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
+        if opts.checkpoint_due(state.step):
             save_last()
 
     while state.epoch < opts.epochs and state.early_stop is None:
@@ -238,7 +241,6 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             break
     if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
         result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
-                          opts.ignore_index,
-                          inference=opts.inference)
+                          opts.ignore_index, inference=opts.inference)
         final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final

@@ -11,6 +11,13 @@ def choice_message(key: str, value: Any, valid: Iterable[Any], problem: str = ""
     return f"{key}={value!r}{' ' + problem if problem else ''}; valid: {', '.join(map(str, valid))}"
 
 
+def check_count(key: str, value: Any, expected: str = "a whole number", minimum: int = 1) -> None:
+    """Raise ``ValueError("key=value: expected <expected> >= <minimum>")`` unless ``value`` is an int (not a bool)
+    of at least ``minimum``. Callers that allow null test for None first."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r}: expected {expected} >= {minimum}")
+
+
 def check_choice(key: str, value: Any, valid: Iterable[Any], error: type[Exception] = ValueError) -> None:
     """Raise ``error(choice_message(...))`` unless ``value`` is one of ``valid``."""
     valid = tuple(valid)

@@ -27,7 +27,7 @@ class Interval:
     seconds: float
     images_per_s: float
     nonfinite_step: int | None = None  # the first step of the interval whose loss was not finite (any rank)
-    nonfinite_terms: list[str] = field(default_factory=list)  # the loss terms whose interval mean is not finite
+    nonfinite_terms: list[str] = field(default_factory=list)  # the loss terms not finite at that step
 
 
 class TrainMeter:

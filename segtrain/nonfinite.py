@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from segtrain.checkpoint import TrainState, rng_state, set_rng_state
+from segtrain.errors import check_count
 
 POLICIES = ("stop", "skip", "rollback")
 
@@ -99,10 +100,8 @@ def check_nonfinite_policy(tr) -> None:
     """trainer.on_nonfinite and its numbers, before anything runs."""
     if tr.on_nonfinite not in POLICIES:
         raise ValueError(f"trainer.on_nonfinite={tr.on_nonfinite!r}: expected one of {', '.join(POLICIES)}")
-    for key, low in (("max_skipped", 1), ("max_rollbacks", 1)):
-        value = tr[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"trainer.{key}={value!r}: expected a whole number >= {low}")
+    for key in ("max_skipped", "max_rollbacks"):
+        check_count(f"trainer.{key}", tr[key])
     factor = tr.rollback_lr_factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         raise ValueError(f"trainer.rollback_lr_factor={factor!r}: expected a number in (0, 1]")

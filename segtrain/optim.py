@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from segtrain.errors import choice_message
+from segtrain.errors import check_count, choice_message
 
 SCHEDULES = ("poly", "cosine", "none")
 
@@ -63,8 +63,8 @@ def run_length(epochs: int | None, steps: int | None, max_steps: int | None, ste
         raise ValueError(f"trainer.epochs={epochs!r} and trainer.steps={steps!r}: set exactly one of the two "
                          "(e.g. trainer.epochs=null trainer.steps=2000, or trainer.steps=null trainer.epochs=50)")
     for key, value in (("trainer.epochs", epochs), ("trainer.steps", steps), ("trainer.max_steps", max_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key}={value!r}: expected a whole number >= 1")
+        if value is not None:
+            check_count(key, value)
     total = steps if steps is not None else epochs * steps_per_epoch
     return RunLength(total, math.ceil(total / steps_per_epoch), min(total, max_steps or total))
 

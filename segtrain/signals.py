@@ -7,10 +7,10 @@
 
 SLURM sends SIGTERM before a preemption or at the time limit, submitit uses SIGUSR2 for its own
 requeue (NCCL keeps SIGUSR1), and a terminal sends SIGINT. The handler a signal had before (submitit's
-requeue handler in a submitit job) is called once the checkpoint is written (``RunStopped.hand_over``). Saving inside a signal handler can
-deadlock (the handler may interrupt a collective or a half-written file), so the handler records
-the signal and the training loop acts on it at the next step boundary. A second Ctrl-C restores
-the default handler and interrupts at once. A run stopped this way exits with ``STOPPED_EXIT_CODE``.
+requeue handler in a submitit job) is called once the checkpoint is written (``RunStopped.hand_over``).
+Saving inside a signal handler can deadlock (the handler may interrupt a collective or a half-written
+file), so the handler records the signal and the training loop acts on it at the next step boundary.
+A second Ctrl-C restores the default handler and interrupts at once. A run stopped this way exits with ``STOPPED_EXIT_CODE``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             seed_everything, weights_column_options)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.early_stopping import EarlyStopping, check_early_stopping
+from segtrain.ema import check_decay
+from segtrain.errors import check_count
 from segtrain.nonfinite import check_nonfinite_policy
 from segtrain.optim import RunLength, run_length
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
@@ -39,7 +41,7 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         epochs=length.epochs, steps_per_epoch=steps_per_epoch, batch_size=tr.batch_size, class_names=class_names,
         ignore_index=cfg.dataset.ignore_index, grad_accum=tr.grad_accum, grad_clip=tr.grad_clip,
         log_every=tr.log_every, eval_every=tr.eval_every,
-        max_steps=length.stop_at if length.stop_at < length.epochs * steps_per_epoch else None, monitor=tr.monitor,
+        max_steps=length.stop_at, monitor=tr.monitor,
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
         rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
@@ -73,11 +75,9 @@ def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, length: RunLength,
 
 def check_checkpoint_policy(tr: DictConfig) -> None:
     """trainer.checkpoint_every (null or a step count >= 1) and trainer.keep_last (>= 1), before anything runs."""
-    every, keep = tr.checkpoint_every, tr.keep_last
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"trainer.checkpoint_every={every!r}: expected null or a number of optimizer steps >= 1")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"trainer.keep_last={keep!r}: expected a number of checkpoints >= 1")
+    if tr.checkpoint_every is not None:
+        check_count("trainer.checkpoint_every", tr.checkpoint_every, "null or a number of optimizer steps")
+    check_count("trainer.keep_last", tr.keep_last, "a number of checkpoints")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -86,9 +86,8 @@ def check_config(cfg: DictConfig) -> None:
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
     check_early_stopping(cfg.trainer.early_stopping)
-    decay = cfg.trainer.ema.decay
-    if decay is not None and not 0.0 < decay < 1.0:
-        raise ValueError(f"trainer.ema.decay={decay!r}: expected a number in (0, 1), e.g. 0.999, or null (off)")
+    if cfg.trainer.ema.decay is not None:
+        check_decay(cfg.trainer.ema.decay)
     run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
 
