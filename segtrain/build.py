@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
+from segtrain.calibration import CalibratedModel, LogitCalibration
 from segtrain.checkpoint import SavedModel
 from segtrain.config import CONFIG_DIR, load_option
 from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
@@ -26,8 +27,8 @@ from segtrain.data.class_stats import ClassStats
 from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
 from segtrain.ema import WeightEma
-from segtrain.parts import Runtime, TrainParts
-from segtrain.errors import check_choice, choice_message
+from segtrain.parts import Runtime, TrainParts, resolve_amp
+from segtrain.errors import check_choice, check_count, choice_message
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
 from segtrain.metrics import ConfusionMatrix, flatten_metrics
@@ -36,32 +37,11 @@ from segtrain.weights import STRATEGIES
 
 log = logging.getLogger(__name__)
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 # Keys of the model config that configure training around the model, not the model class.
 MODEL_TRAINING_KEYS = ("sync_bn",)
 
 
 # ---------------------------------------------------------------- runtime
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPUs that compute in bf16 natively. (``torch.ops.mkldnn.
-    _is_mkldnn_bf16_supported()`` is also true on plain AVX-512, where bf16 is emulated: half the
-    speed of fp32 there, docs/BENCHMARKS.md.)"""
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with native bf16 units),
-    else fp16 on CUDA and full precision on CPU, where emulated bf16 is slower than fp32."""
-    check_choice("trainer.amp", amp, AMP_CHOICES)
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            amp = "bf16" if cpu_has_native_bf16() else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 def build_runtime(tr: DictConfig) -> Runtime:
@@ -91,6 +71,19 @@ def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dt
     return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
                             tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype,
                             float(inf.threshold))
+
+
+def analysis_options(cfg: DictConfig) -> DictConfig:
+    """``report``, ``calibration`` and ``decision`` of ``cfg`` over configs/analysis/default.yaml (a checkpoint's
+    older config lacks them), checked: whole numbers where counts are expected."""
+    defaults = OmegaConf.load(CONFIG_DIR / "analysis" / "default.yaml")
+    options = OmegaConf.merge(defaults, {key: cfg.get(key) or {} for key in defaults})
+    for key in ("worst_k", "tensorboard_k"):
+        check_count(f"report.{key}", options.report[key], "a number of images per class", minimum=0)
+    if options.calibration.bins is not None:
+        check_count("calibration.bins", options.calibration.bins, "null or a number of bins")
+    check_count("calibration.max_pixels", options.calibration.max_pixels, "a number of pixels")
+    return options
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -133,10 +126,11 @@ def weights_column_options() -> dict[str, dict]:
             for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
 
 
-def check_monitor(monitor: str, mode: str, class_names: list[str]) -> None:
+def check_monitor(monitor: str, mode: str, class_names: list[str], with_ece: bool = True) -> None:
     """Fail before training, not at the first evaluation, on a misspelt metric name."""
-    # The names an evaluation will produce: those of an empty confusion matrix, plus the loss.
+    # The names an evaluation will produce: those of an empty confusion matrix, plus the loss (and calibration).
     valid = set(flatten_metrics(ConfusionMatrix(len(class_names)).compute(), class_names, "val")) | {"val/loss"}
+    valid |= {"val/ece", *(f"val/ece/{name}" for name in class_names)} if with_ece else set()
     if monitor not in valid:
         raise KeyError(choice_message("trainer.monitor", monitor, sorted(valid), "is not a logged metric"))
     check_choice("trainer.monitor_mode", mode, ("max", "min"))
@@ -274,10 +268,16 @@ def build_model(model_cfg: DictConfig) -> torch.nn.Module:
 
 
 def model_from_checkpoint(saved: SavedModel, cfg: DictConfig) -> torch.nn.Module:
-    """``cfg.model`` with the checkpoint's weights, on the CPU."""
+    """``cfg.model`` with the checkpoint's weights, on the CPU; with the checkpoint's temperature and bias
+    (``segtrain.calibrate``) on its logits unless ``inference.calibrated=false``."""
     model = build_model(cfg.model)
     model.load_state_dict(saved.weights)
-    return model
+    if saved.calibration is None or not OmegaConf.select(cfg, "inference.calibrated", default=True):
+        return model
+    cal = saved.calibration
+    log.info("%s: logits / %.4f + bias %s, fitted on %s (inference.calibrated=false: not)", saved.path,
+             cal["temperature"], [round(b, 4) for b in cal["bias"]], cal["fitted_on"]["name"])
+    return CalibratedModel(model, LogitCalibration(cal["temperature"], cal["bias"]))
 
 
 def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:

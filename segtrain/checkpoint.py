@@ -9,6 +9,8 @@ config travels as a YAML string. Keys:
     rng                                   every random generator a step may touch
     config, overrides                     the resolved config (YAML) and the command line's overrides
     class_names, class_weights            as trained
+    calibration                           only in a ``<name>_calibrated.pt`` (``segtrain.calibrate``): temperature,
+                                          per-class bias, where they were fitted and what they changed there
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ class RunOutput:
     meta: dict[str, Any] = field(default_factory=dict)
     keep_last: int = 1  # last.pt and the keep_last - 1 checkpoints before it, as step_<n>.pt
     last_step: int | None = None  # the step of the last.pt on disk, if any
+    last_evaluation: Any = None  # the run's latest engine.Evaluation, for the report at its end
 
     def save(self, parts, state: TrainState, name: str) -> None:
         if self.checkpoint_dir is not None:
@@ -214,6 +217,7 @@ class SavedModel:
     class_weights: torch.Tensor | None
     ema_weights: dict[str, torch.Tensor] | None = None  # trainer.ema's average, when the run kept one
     raw_weights: dict[str, torch.Tensor] | None = None
+    calibration: dict[str, Any] | None = None  # segtrain.calibrate's temperature and bias, when fitted
 
     def choose_weights(self, config: DictConfig) -> SavedModel:
         """``weights`` = the EMA weights when there are some and ``config``'s trainer.ema.evaluate (as the run
@@ -233,7 +237,7 @@ def read_for_inference(path: str | Path) -> SavedModel:
     config = OmegaConf.create(ckpt["config"])
     ema = ckpt["ema"]["module"] if "ema" in ckpt else None
     saved = SavedModel(Path(path), config, list(ckpt.get("overrides", [])), ckpt["model"], list(ckpt["class_names"]),
-                       ckpt.get("class_weights"), ema, ckpt["model"])
+                       ckpt.get("class_weights"), ema, ckpt["model"], ckpt.get("calibration"))
     return saved.choose_weights(config)
 
 

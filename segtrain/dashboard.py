@@ -16,7 +16,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from segtrain.visualize import confusion_matrix_image, denormalize, overlay_panel
+from segtrain.visualize import confusion_matrix_image, denormalize, overlay_panel, reliability_diagram
 
 PER_CLASS_METRICS = ("dice", "iou", "precision", "recall")
 
@@ -28,6 +28,7 @@ def custom_layout(class_names: Sequence[str]) -> dict:
     per_class["train soft dice per class"] = ["Multiline", [f"train/soft_dice/{c}" for c in class_names]]
     summary = {
         "val means": ["Multiline", ["val/mDice", "val/mIoU", "val/pixel_acc"]],
+        "calibration": ["Multiline", ["val/ece", *(f"val/ece/{c}" for c in class_names)]],
         "loss": ["Multiline", ["train/loss", "val/loss", r"train/loss/.*"]],
     }
     return {"per class (val)": per_class, "summary": summary}
@@ -56,9 +57,14 @@ class TensorBoardLogger:
         self.writer.add_image(tag, array, step, dataformats="HWC")
 
     def evaluation(self, matrix: torch.Tensor, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   step: int) -> None:
-        """The confusion matrix and the overlays of the fixed validation samples."""
+                   step: int, hard_cases: dict[str, np.ndarray] | None = None, calibration=None) -> None:
+        """The confusion matrix, the overlays of the fixed validation samples, each class's worst images
+        (``hard_cases.galleries``) and the reliability diagram of a ``calibration.ReliabilityHistogram``."""
         self.image("val/confusion_matrix", confusion_matrix_image(matrix, self.class_names), step)
+        for name, gallery in (hard_cases or {}).items():
+            self.image(f"val/hard_cases/{name}", gallery, step)
+        if calibration is not None:
+            self.image("val/reliability", reliability_diagram(*calibration.top_label(), calibration.ece()), step)
         for i, (image, target, pred) in enumerate(samples):
             panel = overlay_panel(denormalize(image, self.mean, self.std), target.numpy(), pred.numpy(),
                                   self.class_names, self.ignore_index)

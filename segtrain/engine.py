@@ -17,14 +17,17 @@ import torch
 from tqdm import tqdm
 
 from segtrain import distributed
+from segtrain.calibration import ReliabilityHistogram
 from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.early_stopping import EarlyStopping
 from segtrain.errors import choice_message
-from segtrain.inference import InferenceOptions, infer_batch
+from segtrain.hard_cases import galleries
+from segtrain.inference import InferenceOptions, scored_logits
 from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
 from segtrain.nonfinite import NonFiniteLoss, Snapshot, roll_back
 from segtrain.parts import Runtime, TrainParts
+from segtrain.per_image import PerImageConfusion
 from segtrain.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class FitOptions:
     max_rollbacks: int = 3
     early_stopping: EarlyStopping | None = None
     ema_evaluate: bool = True  # with trainer.ema: evaluate (and choose best.pt by) the averaged weights
+    calibration_bins: int | None = 15  # reliability bins of val/ece; None: not measured
+    tensorboard_k: int = 4  # worst images per class drawn as val/hard_cases/<class> at each evaluation
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether ``checkpoint_every`` asks for last.pt after optimizer step ``step``."""
@@ -130,40 +135,55 @@ def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, Any]  # ConfusionMatrix.compute() plus "loss"
+    metrics: dict[str, Any]  # ConfusionMatrix.compute() plus "loss" (and "ece", "class_ece" when measured)
     matrix: torch.Tensor  # (C, C) counts, rows = true class
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (image, target, prediction), CPU
+    per_image: tuple[list[int], torch.Tensor] | None = None  # dataset indices, their (M, C, C) matrices (all ranks)
+    calibration: ReliabilityHistogram | None = None
 
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
-             num_samples: int = 0, inference: InferenceOptions | None = None) -> Evaluation:
+             num_samples: int = 0, inference: InferenceOptions | None = None, per_image: bool = False,
+             calibration_bins: int | None = None) -> Evaluation:
     """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
     loss per batch, and the first ``num_samples`` images with their predictions. ``inference``
-    (sliding windows, test-time augmentation) scores the log of its blended probabilities."""
+    (sliding windows, test-time augmentation) scores the log of its blended probabilities.
+    ``per_image``: every image's confusion matrix too; ``calibration_bins``: reliability histograms and
+    top-label / per-class ECE. Both accumulate on the device: no host read per batch."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device=rt.device)
-    loss_sum, batches = torch.zeros((), device=rt.device), 0
+    images_cm = PerImageConfusion(num_classes, ignore_index, device=rt.device) if per_image else None
+    histogram = ReliabilityHistogram(num_classes, calibration_bins, ignore_index, rt.device) \
+        if calibration_bins else None
+    order = list(loader.sampler)  # the dataset indices in the order the batches hold them
+    loss_sum, batches, seen = torch.zeros((), device=rt.device), 0, 0
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
-            logits = model(images) if inference is None else infer_batch(model, images, inference)
-            if logits.shape[-2:] != masks.shape[-2:]:  # dataset.val_resize=<int>: score at the mask's resolution
-                logits = torch.nn.functional.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear",
-                                                         align_corners=False)
+            logits = scored_logits(model, images, masks.shape[-2:], inference)
             loss_sum += loss_fn(logits, masks)["loss"].float()
-        matrix.update(logits, masks)
+        preds = class_argmax(logits)
+        matrix.update(preds, masks)
+        if images_cm is not None:
+            images_cm.update(preds, masks, order[seen : seen + images.shape[0]])
+        if histogram is not None:
+            histogram.update(logits, masks, preds)
         batches += 1
+        seen += images.shape[0]
         if len(samples) < num_samples:  # the loader is unshuffled: always the same images
-            preds = class_argmax(logits)
             for j in range(min(num_samples - len(samples), images.shape[0])):
                 samples.append((images[j].float().cpu(), masks[j].cpu(), preds[j].cpu()))
     matrix.all_reduce()
     metrics = matrix.compute()
+    if histogram is not None:
+        histogram.all_reduce()
+        metrics["ece"], metrics["class_ece"] = histogram.ece(), histogram.class_ece()
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(batches), device=rt.device)]))
     metrics["loss"] = totals[0].item() / max(totals[1].item(), 1)
-    return Evaluation(metrics, matrix.matrix.cpu(), samples)
+    return Evaluation(metrics, matrix.matrix.cpu(), samples, images_cm.gather() if images_cm is not None else None,
+                      histogram)
 
 
 def _improved(score: float, best: float | None, mode: str) -> bool:
@@ -175,13 +195,18 @@ def _improved(score: float, best: float | None, mode: str) -> bool:
 def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime, state: TrainState,
                             opts: FitOptions, out: RunOutput) -> dict[str, float]:
     result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
-                      opts.ignore_index, opts.num_samples if out.logger is not None else 0, opts.inference)
+                      opts.ignore_index, opts.num_samples if out.logger is not None else 0, opts.inference,
+                      per_image=True, calibration_bins=opts.calibration_bins)
+    out.last_evaluation = result
     final = flatten_metrics(result.metrics, opts.class_names, "val")
     log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
              format_table(result.metrics, opts.class_names))
     if out.logger is not None:
         out.logger.scalars(final, state.step)
-        out.logger.evaluation(result.matrix, result.samples, state.step)
+        # The unwrapped model: under DDP only rank 0 draws, and a DDP forward would wait for the others.
+        hard = galleries(parts.eval_model(opts.ema_evaluate), val_loader.dataset, *result.per_image, opts.class_names,
+                         opts.tensorboard_k, rt, opts.inference, out.logger.mean, out.logger.std, opts.ignore_index)
+        out.logger.evaluation(result.matrix, result.samples, state.step, hard, result.calibration)
     score = final.get(opts.monitor)
     if score is None:
         raise KeyError(choice_message("trainer.monitor", opts.monitor, sorted(final), "is not a logged metric"))
@@ -241,6 +266,8 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
             break
     if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
         result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
-                          opts.ignore_index, inference=opts.inference)
+                          opts.ignore_index, inference=opts.inference, per_image=True,
+                          calibration_bins=opts.calibration_bins)
+        out.last_evaluation = result
         final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final

@@ -6,6 +6,12 @@ and keeps the model, loss and class weights the checkpoint was trained with;
 ``dataset.split=test`` scores another split; ``inference.mode=slide inference.tile=512``
 scores it the way ``python -m segtrain.predict`` predicts (sliding windows, test-time flips and
 scales: see configs/inference/default.yaml).
+
+Besides the table: top-label and per-class ECE (``calibration.bins``), and the per-image report
+(``segtrain.per_image``: per_image.csv, report.md with the ``report.worst_k`` worst images per class and
+their galleries) in ``report.dir``, by default ``<run dir>/eval/<split>/``. A checkpoint calibrated by
+``segtrain.calibrate`` is scored with its temperature and bias, and not on the split they were fitted on
+(unless ``--same-split-ok``).
 """
 
 from __future__ import annotations
@@ -15,43 +21,95 @@ import logging
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
 
-from segtrain.build import (build_loss_fn, build_runtime, class_names_of, eval_loader, eval_split, inference_options,
-                            model_from_checkpoint, place_model, resolve_num_workers)
-from segtrain.checkpoint import read_with_overrides
+from segtrain.build import (analysis_options, build_loss_fn, build_runtime, class_names_of, eval_loader, eval_split,
+                            inference_options, model_from_checkpoint, place_model, resolve_num_workers)
+from segtrain.calibrate import fitted_on
+from segtrain.checkpoint import SavedModel, read_with_overrides
 from segtrain.engine import evaluate
+from segtrain.hard_cases import galleries, write_report
 from segtrain.metrics import flatten_metrics, format_table
 
-USAGE = "usage: python -m segtrain.evaluate checkpoint=<path/to/last.pt> [key=value | group=option ...]"
+log = logging.getLogger("segtrain.evaluate")
+
+USAGE = ("usage: python -m segtrain.evaluate checkpoint=<path/to/last.pt> [report.dir=<folder>] [--same-split-ok] "
+         "[key=value | group=option ...]")
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, list[str]]:
-    """Metrics of the checkpoint on the configured split: (ConfusionMatrix.compute() + loss, class names)."""
+def check_held_out(saved: SavedModel, cfg, split, same_split_ok: bool) -> None:
+    """A checkpoint calibrated on this very split would score optimistically on it: refused unless asked for."""
+    cal = saved.calibration
+    if cal is None or not OmegaConf.select(cfg, "inference.calibrated", default=True) or same_split_ok:
+        return
+    here = fitted_on(split)
+    if (cal["fitted_on"]["root"], cal["fitted_on"]["split"]) == (here["root"], here["split"]):
+        raise ValueError(f"{saved.path} was calibrated on {here['name']} (segtrain.calibrate): its score there is "
+                         "optimistic. Score a held-out split (dataset.split=<split> or dataset.root=<other data>), "
+                         "or pass --same-split-ok")
+
+
+def report_dir(saved: SavedModel, cfg, split, folder: str | None) -> Path:
+    """``report.dir``, else ``<run dir>/eval/<split>/`` beside the checkpoint's run (``<data folder>_<split>`` for
+    another dataset root than the run's, ``_calibrated`` appended when a calibration is applied)."""
+    if folder:
+        return Path(folder).expanduser()
+    run_dir = saved.path.parent.parent if saved.path.parent.name == "checkpoints" else saved.path.parent
+    name = split.split
+    if Path(split.root).resolve() != Path(saved.config.dataset.root).resolve():
+        name = f"{Path(split.root).name}_{name}"
+    if saved.calibration is not None and OmegaConf.select(cfg, "inference.calibrated", default=True):
+        name += "_calibrated"
+    return run_dir / "eval" / name
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, same_split_ok: bool = False,
+                        report: bool = True) -> tuple[dict, list[str]]:
+    """Metrics of the checkpoint on the configured split: (ConfusionMatrix.compute() + loss and ECE, class names);
+    with ``report``, the per-image report in ``report_dir``."""
     saved, cfg = read_with_overrides(path, overrides)
     ds, tr = cfg.dataset, cfg.trainer
+    options = analysis_options(cfg)
     class_names = class_names_of(ds)
     rt = build_runtime(tr)
     workers = resolve_num_workers(tr.num_workers, rt.device)
     split = eval_split(ds, ds.get("split") or ds.val_split, workers)
+    check_held_out(saved, cfg, split, same_split_ok)
     model = place_model(model_from_checkpoint(saved, cfg), rt)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
+    inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
-                      inference=inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype))
+                      inference=inference, per_image=report, calibration_bins=options.calibration.bins)
+    if report:
+        k, folder = options.report.worst_k, report_dir(saved, cfg, split, options.report.dir)
+        images = galleries(model, split, *result.per_image, class_names, k, rt, inference, ds.mean, ds.std,
+                           ds.ignore_index)
+        write_report(folder, split, *result.per_image, class_names, k, images)
+        log.info("per-image report (the %d worst images per class): %s", k, folder / "report.md")
     return result.metrics, class_names
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    same_split_ok = "--same-split-ok" in argv
+    argv = [a for a in argv if a != "--same-split-ok"]
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
     if len(paths) != 1:
         print(USAGE, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     overrides = [a for a in argv if not a.startswith("checkpoint=")]
-    metrics, class_names = evaluate_checkpoint(paths[0], overrides)
+    try:
+        metrics, class_names = evaluate_checkpoint(paths[0], overrides, same_split_ok)
+    except (OSError, ValueError, RuntimeError) as err:  # each names the file, key or value at fault
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"{paths[0]}:")
     print(format_table(metrics, class_names))
     print(f"loss {metrics['loss']:.4f}")
+    if "ece" in metrics:
+        per_class = ", ".join(f"{n} {v:.4f}" for n, v in zip(class_names, metrics["class_ece"].tolist()))
+        print(f"ECE {metrics['ece']:.4f} (top label); per class: {per_class}")
     print("metrics: " + json.dumps(flatten_metrics(metrics, class_names, "val")))
     return 0
 

@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from segtrain.atomic import atomic_write
 from segtrain.build import class_names_of, model_from_checkpoint
+from segtrain.calibration import CalibratedModel
 from segtrain.checkpoint import read_with_overrides
 from segtrain.config import compose_config
 from segtrain.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
@@ -199,6 +200,8 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
                 f"opset {ecfg.opset}" if ecfg.format == "onnx" else f"torch.export {torch.__version__}")
     meta = metadata(class_names=class_names, label_names=label_names, palette=palette_for(cfg, len(label_names)),
                     mean=ds.mean, std=ds.std, net=net, channels=channels, exporter=exporter, checkpoint=str(saved.path))
+    if isinstance(net.model, CalibratedModel):  # logits / temperature + bias are part of the graph
+        meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}
     staged = unverified_path(path) if ecfg.verify else path
     staged_files = write_files(program, ecfg, meta, staged, path)
     if not ecfg.verify:

@@ -224,3 +224,13 @@ def infer_batch(model: torch.nn.Module, images: torch.Tensor, options: Inference
         with torch.autocast(images.device.type, dtype=options.amp_dtype):
             return model(images)
     return as_logits(torch.stack([predict_probs(model, image, options) for image in images]))
+
+
+def scored_logits(model: torch.nn.Module, images: torch.Tensor, size: Sequence[int],
+                  options: InferenceOptions | None) -> torch.Tensor:
+    """``infer_batch`` (the model's own logits when ``options`` is None) at ``size`` (H, W), the masks' resolution,
+    as evaluation scores them: ``dataset.val_resize=<int>`` runs the model on resized images."""
+    logits = model(images) if options is None else infer_batch(model, images, options)
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return logits

@@ -125,13 +125,18 @@ class SoftDiceTracker:
         return torch.where(card > 0, 2 * inter / card.clamp_min(1e-12), torch.tensor(math.nan, dtype=torch.float64))
 
 
+# Per-class results whose tag differs from their key: the top-label "ece" is the scalar ``val/ece``.
+PER_CLASS_TAGS = {"class_ece": "ece"}
+
+
 def flatten_metrics(result: dict, class_names: list[str], prefix: str = "val") -> dict[str, float]:
-    """``{"val/mIoU": ..., "val/iou/<class>": ...}``: the names used in logs, TensorBoard and metrics.json."""
+    """``{"val/mIoU": ..., "val/iou/<class>": ..., "val/ece/<class>": ...}``: the names used in logs, TensorBoard
+    and metrics.json."""
     flat: dict[str, float] = {}
     for key, value in result.items():
         if isinstance(value, torch.Tensor):
             for class_name, v in zip(class_names, value.tolist()):
-                flat[f"{prefix}/{key}/{class_name}"] = v
+                flat[f"{prefix}/{PER_CLASS_TAGS.get(key, key)}/{class_name}"] = v
         else:
             flat[f"{prefix}/{key}"] = value
     return flat

@@ -1,5 +1,5 @@
-"""The objects a training step works with: ``Runtime`` (device, precision, memory layout, chosen once)
-and ``TrainParts`` (model, optimizer, schedule, GradScaler, EMA: what a step changes and a checkpoint holds)."""
+"""The objects a training step works with: ``Runtime`` (device, precision as ``resolve_amp`` picks it, memory
+layout, chosen once) and ``TrainParts`` (model, optimizer, schedule, GradScaler, EMA: what a step changes and a checkpoint holds)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,31 @@ from typing import Any
 import torch
 
 from segtrain.ema import WeightEma
+from segtrain.errors import check_choice
 
 log = logging.getLogger(__name__)
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs that compute in bf16 natively. (``torch.ops.mkldnn.
+    _is_mkldnn_bf16_supported()`` is also true on plain AVX-512, where bf16 is emulated: half the
+    speed of fp32 there, docs/BENCHMARKS.md.)"""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware has it (CUDA with bf16, CPUs with native bf16 units),
+    else fp16 on CUDA and full precision on CPU, where emulated bf16 is slower than fp32."""
+    check_choice("trainer.amp", amp, AMP_CHOICES)
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if cpu_has_native_bf16() else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,10 @@ class TrainParts:
     def eval_net(self, use_ema: bool) -> torch.nn.Module:
         """What evaluation runs: the EMA weights when there are some and ``use_ema``, else ``net``."""
         return self.ema.module if use_ema and self.ema is not None else self.net
+
+    def eval_model(self, use_ema: bool) -> torch.nn.Module:
+        """``eval_net``'s weights as a plain module (no DDP or compile wrapper), for one process alone to run."""
+        return self.ema.module if use_ema and self.ema is not None else self.model
 
     def step(self, grad_clip: float | None, update: bool = True) -> bool:
         """One optimizer step (``update=False``: the gradients dropped, only the LR schedule moves on).

@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
-from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, build_runtime,
-                            check_monitor, class_names_of, inference_options, place_model, resolve_num_workers,
-                            seed_everything, weights_column_options)
+from segtrain.build import (analysis_options, build_data, build_loaders, build_loss_fn, build_model, build_parts,
+                            build_runtime, check_monitor, class_names_of, inference_options, place_model,
+                            resolve_num_workers, seed_everything, weights_column_options)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.early_stopping import EarlyStopping, check_early_stopping
 from segtrain.ema import check_decay
@@ -26,6 +26,7 @@ from segtrain.optim import RunLength, run_length
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, fit
+from segtrain.hard_cases import galleries, write_report
 from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 from segtrain.weights import compute_class_weights, weights_table
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, length: RunLength, rt,
                  stop: StopSignals) -> FitOptions:
-    tr = cfg.trainer
+    tr, analysis = cfg.trainer, analysis_options(cfg)
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     return FitOptions(
@@ -45,7 +46,8 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         monitor_mode=tr.monitor_mode, progress=tr.progress, num_samples=tr.num_samples, inference=inference,
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
         rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
-        ema_evaluate=tr.ema.evaluate, early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
+        ema_evaluate=tr.ema.evaluate, calibration_bins=analysis.calibration.bins,
+        tensorboard_k=analysis.report.tensorboard_k, early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
             tr.early_stopping.patience, tr.early_stopping.min_delta, str(tr.monitor_mode), tr.monitor))
 
 
@@ -73,6 +75,19 @@ def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, length: RunLength,
              STOPPED_EXIT_CODE)
 
 
+def _write_report(folder: Path, parts, evaluation, dataset, cfg: DictConfig, rt, class_names: list[str]) -> None:
+    """The last evaluation's per-image report (hard_cases.write_report), with the weights it evaluated."""
+    if evaluation is None or evaluation.per_image is None:
+        return
+    k = analysis_options(cfg).report.worst_k
+    model = parts.eval_model(cfg.trainer.ema.evaluate)
+    images = galleries(model, dataset, *evaluation.per_image, class_names, k, rt,
+                       inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype), cfg.dataset.mean, cfg.dataset.std,
+                       cfg.dataset.ignore_index)
+    write_report(folder, dataset, *evaluation.per_image, class_names, k, images)
+    log.info("per-image report (the %d worst images per class): %s", k, folder / "report.md")
+
+
 def check_checkpoint_policy(tr: DictConfig) -> None:
     """trainer.checkpoint_every (null or a step count >= 1) and trainer.keep_last (>= 1), before anything runs."""
     if tr.checkpoint_every is not None:
@@ -90,6 +105,7 @@ def check_config(cfg: DictConfig) -> None:
         check_decay(cfg.trainer.ema.decay)
     run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
+    analysis_options(cfg)
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
@@ -110,7 +126,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     seed_everything(cfg.seed, tr.deterministic)
     rt = build_runtime(tr)
     class_names = class_names_of(ds)
-    check_monitor(tr.monitor, tr.monitor_mode, class_names)
+    check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis_options(cfg).calibration.bins is not None)
 
     data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
     class_weights = compute_class_weights(data.stats, class_names=class_names, **cfg.weights)
@@ -163,6 +179,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
             logger.close()
     digests = gather_digests(model)
     if main_process:
+        _write_report(run_dir / "eval" / ds.val_split, parts, out.last_evaluation, val_loader.dataset, cfg, rt,
+                      class_names)
         write_metrics_json(run_dir / "metrics.json", cfg, class_names, data.stats, class_weights, final, state,
                            time.perf_counter() - start, digests)
         log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],

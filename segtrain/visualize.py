@@ -6,6 +6,7 @@ Rendering uses numpy and Pillow only, so training needs no plotting library.
 from __future__ import annotations
 
 import colorsys
+import math
 from typing import Sequence
 
 import numpy as np
@@ -121,4 +122,100 @@ def confusion_matrix_image(matrix: torch.Tensor, class_names: Sequence[str], cel
         rotated = text.rotate(90, expand=True)
         img.paste(rotated, (label_w + j * cell + cell // 2 - 8, top - rotated.height - 4), rotated)
     draw.text((label_w, top + n * cell + 6), caption, fill=(80, 80, 80), font=font)
+    return np.asarray(img)
+
+
+MISSED_COLOUR = (230, 0, 0)  # a class's false negatives
+FALSE_POSITIVE_COLOUR = (255, 0, 255)
+_CAPTION_HEIGHT = 18
+
+
+def _error_row(image: np.ndarray, target: np.ndarray, pred: np.ndarray, class_index: int, colour: np.ndarray,
+               ignore_index: int, alpha: float) -> np.ndarray:
+    """image | truth of the class | its misses, false positives and hits, all over the image: (H, 3W, 3)."""
+    if image.shape[:2] != target.shape or pred.shape != target.shape:
+        raise ValueError(f"error_gallery: image {image.shape}, target {target.shape} and prediction {pred.shape} "
+                         "must have the same height and width")
+    ignored = target == ignore_index
+    is_true, is_pred = (target == class_index) & ~ignored, (pred == class_index) & ~ignored
+    marks = [[(is_true, colour)],
+             [(is_true & is_pred, colour), (is_true & ~is_pred, np.array(MISSED_COLOUR)),
+              (~is_true & is_pred, np.array(FALSE_POSITIVE_COLOUR))]]
+    panels = [image]
+    for panel_marks in marks:
+        panel = image.astype(np.float64)
+        for where, paint in [*panel_marks, (ignored, np.array(IGNORE_COLOUR))]:
+            panel[where] = alpha * paint + (1 - alpha) * panel[where]
+        panels.append(panel.round().astype(np.uint8))
+    return np.concatenate(panels, axis=1)  # (H, 3W, 3)
+
+
+def error_gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], class_index: int,
+                  class_names: Sequence[str], ignore_index: int = 255, min_side: int = 128,
+                  alpha: float = 0.6) -> np.ndarray:
+    """One class's failures, one image per row: image | truth | prediction, under the row's caption.
+
+    ``rows``: (image uint8 (H, W, 3), target (H, W), prediction (H, W), caption). The truth panel marks
+    the class in its palette colour; the prediction panel marks its hits in that colour, its missed
+    pixels (false negatives) and its false positives in two colours of their own. Ignored pixels are
+    marked as ignored in both, whatever was predicted there: they count for nothing.
+    """
+    if not rows:
+        raise ValueError(f"error_gallery: no rows for class {class_names[class_index]!r}")
+    colour = class_palette(len(class_names))[class_index]
+    font = _font(12)
+    strips = []
+    for image, target, pred, caption in rows:
+        row = _error_row(image, np.asarray(target), np.asarray(pred), class_index, colour, ignore_index, alpha)
+        scale = max(1, int(np.ceil(min_side / row.shape[0])))  # small images are enlarged, never blurred
+        picture = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+        strip = Image.new("RGB", (picture.width, picture.height + _CAPTION_HEIGHT), (255, 255, 255))
+        ImageDraw.Draw(strip).text((4, 2), caption, fill=(0, 0, 0), font=font)
+        strip.paste(picture, (0, _CAPTION_HEIGHT))
+        strips.append(strip)
+    width = max(strip.width for strip in strips)  # narrower rows are padded on the right
+    key = legend(width, [f"{class_names[class_index]} missed", "false positive", "correct"],
+                 np.array([MISSED_COLOUR, FALSE_POSITIVE_COLOUR, colour], dtype=np.uint8))
+    out = Image.new("RGB", (width, sum(strip.height for strip in strips) + key.height), (255, 255, 255))
+    y = 0
+    for strip in [*strips, key]:
+        out.paste(strip, (0, y))
+        y += strip.height
+    return np.asarray(out)
+
+
+def reliability_diagram(counts: torch.Tensor, accuracy: torch.Tensor, confidence: torch.Tensor, ece: float,
+                        size: int = 300) -> np.ndarray:
+    """Accuracy per confidence bin (bars, their shade the bin's share of pixels) against the diagonal of a
+    perfectly calibrated model, the gap to each bin's mean confidence outlined; the ECE in the title.
+    Inputs are ``ReliabilityHistogram.top_label()``'s (the last bin, confidence exactly 1, joins the one before)."""
+    counts, accuracy, confidence = (t.double().clone() for t in (counts, accuracy, confidence))
+    if len(counts) > 1:  # p == 1.0 drawn in the top bin
+        merged = counts[-2:].sum()
+        for values in (accuracy, confidence):
+            values[-2] = (values[-2:].nan_to_num() * counts[-2:]).sum() / merged if merged > 0 else math.nan
+        counts[-2] = merged
+        counts, accuracy, confidence = counts[:-1], accuracy[:-1], confidence[:-1]
+    bins, margin, top = len(counts), 34, 24
+    img = Image.new("RGB", (size + margin + 10, size + top + margin), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font(11)
+    x0, y0 = margin, top + size  # the plot's origin (confidence 0, accuracy 0)
+    share = counts / counts.sum().clamp_min(1)
+    width = size / bins
+    for b in range(bins):
+        if counts[b] == 0:
+            continue
+        left, right = x0 + b * width, x0 + (b + 1) * width - 1
+        shade = int(230 - 180 * min(1.0, float(share[b]) * 4))  # darker where more pixels fall
+        draw.rectangle([left, y0 - float(accuracy[b]) * size, right, y0], fill=(shade, shade, 255), outline=(60, 60, 160))
+        draw.line([left, y0 - float(confidence[b]) * size, right, y0 - float(confidence[b]) * size],
+                  fill=(213, 94, 0), width=2)
+    draw.line([x0, y0, x0 + size, y0 - size], fill=(120, 120, 120), width=1)  # perfect calibration
+    draw.rectangle([x0, y0 - size, x0 + size, y0], outline=(0, 0, 0))
+    for tick in (0.0, 0.5, 1.0):
+        draw.text((x0 + tick * size, y0 + 4), f"{tick:g}", fill=(0, 0, 0), font=font, anchor="mt")
+        draw.text((x0 - 4, y0 - tick * size), f"{tick:g}", fill=(0, 0, 0), font=font, anchor="rm")
+    draw.text((x0 + size / 2, y0 + 18), "confidence (top label)", fill=(0, 0, 0), font=font, anchor="mt")
+    draw.text((x0, 6), f"ECE {ece:.4f}  bars: accuracy, orange: mean confidence", fill=(0, 0, 0), font=font)
     return np.asarray(img)

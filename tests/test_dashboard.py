@@ -165,3 +165,21 @@ def test_confusion_matrix_image_shades_by_row_share():
 def test_custom_layout_names_every_class():
     layout = custom_layout(["a", "b"])
     assert layout["per class (val)"]["iou per class"] == ["Multiline", ["val/iou/a", "val/iou/b"]]
+
+
+def test_evaluations_log_calibration_and_each_class_hard_cases(run_dir):
+    acc = _accumulator(run_dir)
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert acc.Scalars("val/ece")[-1].value == pytest.approx(final["val/ece"], rel=1e-6)
+    for name in NAMES:
+        assert acc.Scalars(f"val/ece/{name}")[-1].value == pytest.approx(final[f"val/ece/{name}"], rel=1e-6)
+    images = set(acc.Tags()["images"])
+    assert "val/reliability" in images
+    # A class gets a gallery when some image has it in the truth or the prediction (its Dice is then defined).
+    expected = {f"val/hard_cases/{name}" for name in NAMES
+                if not (np.isnan(final[f"val/dice/{name}"]))}
+    assert {tag for tag in images if tag.startswith("val/hard_cases/")} == expected
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["calibration"] == ["val/ece", *(f"val/ece/{name}" for name in NAMES)]

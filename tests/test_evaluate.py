@@ -2,10 +2,12 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -109,8 +111,66 @@ def test_cli_prints_the_per_class_table(trained):
 def test_cli_usage_missing_and_foreign_checkpoint(tmp_path, capsys):
     assert main([]) == 2
     assert "checkpoint=<path" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint not found"):
-        main([f"checkpoint={tmp_path / 'nope.pt'}"])
+    # Errors name the file and what is wrong, without a traceback, exit status 2.
+    assert main([f"checkpoint={tmp_path / 'nope.pt'}"]) == 2
+    assert re.search(r"^error: .*nope.pt: checkpoint not found$", capsys.readouterr().err, re.M)
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"other.pt: not a segtrain checkpoint \(no model, config, class_names\)"):
-        main([f"checkpoint={tmp_path / 'other.pt'}"])
+    assert main([f"checkpoint={tmp_path / 'other.pt'}"]) == 2
+    assert re.search(r"^error: .*other.pt: not a segtrain checkpoint \(no model, config, class_names\)",
+                     capsys.readouterr().err, re.M)
+
+
+def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(trained):
+    """per_image.csv's pixel counts are the val masks'; its per-image Dice, pooled, give the dataset Dice; the
+    ECE equals torchmetrics' on the model's own logits of every labelled pixel."""
+    import csv
+
+    from segtrain.data.folder import read_mask
+    from segtrain.predict import Predictor
+    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+    ckpt = trained / "run/checkpoints/last.pt"
+    folder = trained / "report"
+    metrics, names = evaluate_checkpoint(ckpt, [f"report.dir={folder}", "report.worst_k=2"])
+    rows = list(csv.DictReader((folder / "per_image.csv").open()))
+    masks = sorted((trained / "data/masks/val").glob("*.png"))
+    assert len(rows) == len(masks) * len(names)
+    counts = {path.stem: np.bincount(read_mask(path).ravel(), minlength=256)[: len(names)] for path in masks}
+    true = np.zeros(len(names), dtype=np.int64)
+    pred = np.zeros(len(names), dtype=np.int64)
+    tp = np.zeros(len(names))
+    for row in rows:  # each image's row holds that image's own mask counts
+        c = names.index(row["class"])
+        assert int(row["true_pixels"]) == counts[Path(row["image"]).stem][c], row
+        true[c] += int(row["true_pixels"])
+        pred[c] += int(row["predicted_pixels"])
+        tp[c] += float(row["dice"] or 0) * (int(row["true_pixels"]) + int(row["predicted_pixels"])) / 2
+    np.testing.assert_allclose(2 * tp / (true + pred), metrics["dice"].numpy(), rtol=1e-5)
+    assert {p.name for p in folder.iterdir()} >= {"per_image.csv", "report.md", *(f"gallery_{n}.png" for n in names
+                                                                                  if (true + pred)[names.index(n)])}
+    # ECE from the model's own logits, through torchmetrics.
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    probs, labels = [], []
+    for path, mask_path in zip(sorted((trained / "data/images/val").glob("*.png")), masks):
+        from segtrain.data.folder import read_image
+
+        p = predictor(read_image(path))  # (K, H, W)
+        mask = torch.from_numpy(read_mask(mask_path)).long()
+        valid = mask != 255
+        probs.append(p.permute(1, 2, 0)[valid])
+        labels.append(mask[valid])
+    probs, labels = torch.cat(probs), torch.cat(labels)
+    expected = MulticlassCalibrationError(num_classes=len(names), n_bins=15, norm="l1")(probs, labels)
+    assert metrics["ece"] == pytest.approx(float(expected), abs=1e-6)
+    for c in range(len(names)):
+        one = BinaryCalibrationError(n_bins=15, norm="l1")(probs[:, c], (labels == c).long())
+        assert metrics["class_ece"][c].item() == pytest.approx(float(one), abs=1e-6)
+
+
+def test_the_run_wrote_its_report_and_logged_calibration(trained):
+    final = json.loads((trained / "run/metrics.json").read_text())["final"]
+    assert {"val/ece", "val/ece/background", "val/ece/region", "val/ece/spot"} <= final.keys()
+    report = trained / "run/eval/val"
+    assert (report / "per_image.csv").is_file() and (report / "report.md").is_file()
+    metrics, _ = evaluate_checkpoint(trained / "run/checkpoints/last.pt", report=False)
+    assert metrics["ece"] == pytest.approx(final["val/ece"], abs=1e-12)

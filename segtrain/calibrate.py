@@ -1,0 +1,175 @@
+"""``python -m segtrain.calibrate checkpoint=<path> [dataset.split=val] [decision.tune=true] [overrides ...]``
+
+Fits one temperature (and, with ``decision.tune=true``, a per-class logit bias maximising
+``decision.objective``) on a labelled split and writes them into a copy of the checkpoint,
+``<name>_calibrated.pt`` (``output=<file>`` to choose); the original is not touched. predict, evaluate and
+export then apply ``logits / T + bias`` (``inference.calibrated=false``: not).
+
+    python -m segtrain.calibrate checkpoint=outputs/.../best.pt decision.tune=true decision.objective=dice/spot
+    python -m segtrain.evaluate checkpoint=outputs/.../best_calibrated.pt dataset.root=/data/held_out
+
+Two passes over the split with the model's own whole-image logits: the first measures NLL, ECE and the
+confusion matrix as they are and samples ``calibration.max_pixels`` labelled pixels (an equal share of each
+image, ``calibration.seed``), on which the temperature (LBFGS on the NLL) and the bias (coordinate search,
+``segtrain.decision``) are fitted; the second measures them again with the calibration applied. A bias that
+scores lower than none on the whole split (possible only when the sample is smaller than the split) is
+dropped. The numbers printed are those of the split fitted on, optimistic by construction: the checkpoint
+records that split, and ``segtrain.evaluate`` refuses to score it there unless given ``--same-split-ok``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from segtrain.build import (analysis_options, build_runtime, class_names_of, eval_loader, eval_split,
+                            model_from_checkpoint, place_model, resolve_num_workers)
+from segtrain.calibration import LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature, nll, two_class
+from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
+from segtrain.decision import parse_objective, per_class_table, tune_bias
+from segtrain.inference import scored_logits
+from segtrain.metrics import ConfusionMatrix
+
+log = logging.getLogger("segtrain.calibrate")
+USAGE = "usage: python -m segtrain.calibrate checkpoint=<path/to/best.pt> [output=<file>] [key=value ...]"
+SUFFIX = "_calibrated"
+
+
+def output_path(checkpoint: Path, output: str | None) -> Path:
+    """``output``, or ``<name>_calibrated.pt`` beside the checkpoint (a calibrated one is replaced, not suffixed
+    twice); never the checkpoint itself."""
+    path = Path(output) if output else checkpoint.with_name(checkpoint.stem.removesuffix(SUFFIX) + SUFFIX + ".pt")
+    if path.resolve() == checkpoint.resolve():
+        raise ValueError(f"output={path}: that is the checkpoint being calibrated; it is never overwritten")
+    return path
+
+
+def fitted_on(split) -> dict[str, str]:
+    """Where a calibration was fitted, as the checkpoint records it and ``evaluate`` compares it."""
+    root = str(Path(split.root).resolve())
+    return {"root": root, "split": split.split, "name": f"{split.root}/{split.split}"}
+
+
+@torch.no_grad()
+def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None], num_classes: int, ignore_index: int,
+            bins: int, sample: PixelSample | None = None) -> dict[str, tuple[torch.Tensor, ReliabilityHistogram]]:
+    """One pass: {name: (confusion matrix, reliability histogram)} of the model's logits under each calibration
+    (None: as they are); ``sample`` collects the raw logits of its pixels."""
+    model.eval()
+    out = {name: (ConfusionMatrix(max(num_classes, 2), ignore_index, rt.device),  # one channel: two labels
+                  ReliabilityHistogram(num_classes, bins, ignore_index, rt.device)) for name in calibrations}
+    for images, masks in loader:
+        images, masks = rt.to_device(images, masks)
+        with rt.autocast():
+            raw = scored_logits(model, images, masks.shape[-2:], None)
+        raw = raw.float()
+        if sample is not None:
+            sample.add(raw, masks)
+        for name, calibration in calibrations.items():
+            logits = raw if calibration is None else calibration.to(raw.device)(raw)
+            matrix, histogram = out[name]
+            matrix.update(two_class(logits), masks)
+            histogram.update(logits, masks)
+    return {name: (matrix.matrix.cpu(), histogram) for name, (matrix, histogram) in out.items()}
+
+
+def _label_names(class_names: list[str]) -> list[str]:
+    return ["background", *class_names] if len(class_names) == 1 else class_names
+
+
+def calibrate(path: str | Path, overrides: list[str], output: str | None = None) -> tuple[Path, dict]:
+    """Fit and write; returns (the calibrated checkpoint, its ``calibration`` entry)."""
+    saved, cfg = read_with_overrides(path, [*overrides, "inference.calibrated=false"])
+    options = analysis_options(cfg)
+    target = output_path(saved.path, output)
+    ds, tr = cfg.dataset, cfg.trainer
+    class_names = class_names_of(ds)
+    labels_named = _label_names(class_names)
+    objective = parse_objective(options.decision.objective, labels_named) if options.decision.tune else None
+    rt = build_runtime(tr)
+    workers = resolve_num_workers(tr.num_workers, rt.device)
+    split = eval_split(ds, ds.get("split") or ds.val_split, workers)
+    loader = eval_loader(split, ds, workers)
+    model = place_model(model_from_checkpoint(saved, cfg), rt)
+    bins = options.calibration.bins or 15
+    per_image = max(1, math.ceil(options.calibration.max_pixels / len(split)))
+    sample = PixelSample(per_image, ds.ignore_index, options.calibration.seed)
+    log.info("%s on %s (%d images): pass 1, sampling up to %d labelled pixels per image", saved.path,
+             fitted_on(split)["name"], len(split), per_image)
+    before = measure(model, loader, rt, {"none": None}, ds.num_classes, ds.ignore_index, bins, sample)["none"]
+    logits, labels = sample.tensors()
+    temperature = fit_temperature(logits, labels)
+    k = logits.shape[1]
+    bias = torch.zeros(k)
+    if objective is not None:
+        bias, start, best = tune_bias(logits / temperature, labels, objective)
+        log.info("bias %s: %s %.4f -> %.4f on the %d sampled pixels", [round(b, 3) for b in bias.tolist()],
+                 objective.text, start, best, len(labels))
+    stored = bias[1:] - bias[0] if ds.num_classes == 1 else bias  # a one-channel model: the bias of its one logit
+    calibrations = {"temperature": LogitCalibration(temperature, torch.zeros(len(stored))),
+                    "calibrated": LogitCalibration(temperature, stored)}
+    after = measure(model, loader, rt, calibrations, ds.num_classes, ds.ignore_index, bins)
+    if objective is not None and float(objective(after["calibrated"][0])) < float(objective(before[0])):
+        log.warning("the bias lowers %s on the whole split (the sample was smaller than it): dropped", objective.text)
+        stored = torch.zeros(len(stored))
+        after["calibrated"] = after["temperature"]
+    entry = {
+        "temperature": temperature, "bias": [float(b) for b in stored], "fitted_on": fitted_on(split),
+        "objective": objective.text if objective is not None else None, "pixels": int(len(labels)),
+        "nll": [nll(logits, labels), nll(logits, labels, temperature)],
+        "ece": [before[1].ece(), after["temperature"][1].ece()],
+        "class_ece": [before[1].class_ece().tolist(), after["temperature"][1].class_ece().tolist()],
+        "objective_value": [float(objective(before[0])), float(objective(after["calibrated"][0]))]
+        if objective is not None else None,
+    }
+    ckpt = load_checkpoint(saved.path)
+    ckpt["calibration"] = entry
+    save_checkpoint(ckpt, target)
+    _print_summary(entry, before[0], after["calibrated"][0], labels_named, class_names, target)
+    return target, entry
+
+
+def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, label_names: list[str],
+                   class_names: list[str], target: Path) -> None:
+    where = entry["fitted_on"]["name"]
+    print(f"fitted on {where}, {entry['pixels']} sampled pixels (numbers below are on that split: not a final score)")
+    print(f"temperature {entry['temperature']:.4f}: NLL {entry['nll'][0]:.4f} -> {entry['nll'][1]:.4f} (sample), "
+          f"top-label ECE {entry['ece'][0]:.4f} -> {entry['ece'][1]:.4f} (whole split)")
+    for name, b, a in zip(class_names, *entry["class_ece"]):
+        print(f"  ECE {name}: {b:.4f} -> {a:.4f}")
+    if entry["objective"] is not None:
+        bias = entry["bias"]
+        print(f"bias {[round(b, 4) for b in bias]}: {entry['objective']} {entry['objective_value'][0]:.4f} -> "
+              f"{entry['objective_value'][1]:.4f} (whole split)")
+        if len(label_names) == 2:  # as a threshold on the temperature-scaled probability of the second label
+            d = bias[0] if len(bias) == 1 else bias[1] - bias[0]
+            print(f"  = {label_names[1]} where p({label_names[1]}) >= {1 / (1 + math.exp(d)):.4f} (was 0.5)")
+        print(per_class_table(before, after, label_names))
+    print(f"wrote {target}; score it on a held-out split: python -m segtrain.evaluate checkpoint={target} "
+          "dataset.split=<split> (or dataset.root=<other data>)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
+    outputs = [a.split("=", 1)[1] for a in argv if a.startswith("output=")]
+    if len(paths) != 1 or len(outputs) > 1:
+        print(USAGE, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    overrides = [a for a in argv if not a.startswith(("checkpoint=", "output="))]
+    try:
+        calibrate(paths[0], overrides, outputs[0] if outputs else None)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The images where a class fails most: predicted again and drawn, one gallery per class.
+
+An evaluation keeps every image's confusion matrix (``per_image.PerImageConfusion``), not its prediction;
+the few worst images per class are run through the model once more here (each image once, however many
+classes list it) and drawn by ``visualize.error_gallery``: image | truth | prediction with the class's
+misses and false positives marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segtrain.inference import InferenceOptions, scored_logits
+from segtrain.metrics import class_argmax
+from segtrain.parts import Runtime
+from segtrain.per_image import PerImageReport, per_image_scores, worst_images
+from segtrain.visualize import denormalize, error_gallery
+
+
+@torch.no_grad()
+def _rows(model, dataset, indices: Sequence[int], rt: Runtime, inference: InferenceOptions | None,
+          mean: Sequence[float], std: Sequence[float]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{dataset index: (image uint8 (H, W, 3), truth, prediction)} of ``indices``, one forward pass each."""
+    model.eval()
+    rows = {}
+    for index in dict.fromkeys(indices):
+        image, mask = dataset[index]
+        images, masks = rt.to_device(image[None], mask[None])
+        with rt.autocast():
+            pred = class_argmax(scored_logits(model, images, masks.shape[-2:], inference))[0].cpu().numpy()
+        picture = denormalize(image, mean, std)
+        if picture.shape[:2] != mask.shape:  # val_resize: the file's own pixels, at the mask's size
+            picture = dataset.load_image(index)
+        rows[index] = (picture, mask.numpy(), pred)
+    return rows
+
+
+def galleries(model, dataset, indices: Sequence[int], matrices: torch.Tensor, class_names: Sequence[str], k: int,
+              rt: Runtime, inference: InferenceOptions | None, mean: Sequence[float], std: Sequence[float],
+              ignore_index: int = 255) -> dict[str, np.ndarray]:
+    """{class name: gallery} of the ``k`` worst images per class (``per_image.worst_images``), ``indices``
+    the dataset indices of ``matrices``' rows. Classes without a qualifying image get none."""
+    if k < 1:
+        return {}
+    scores = per_image_scores(matrices)
+    worst = worst_images(scores, k)
+    rows = _rows(model, dataset, [indices[r] for ranked in worst for r in ranked], rt, inference, mean, std)
+    out = {}
+    for c, ranked in enumerate(worst):
+        if ranked:
+            entries = [(*rows[indices[r]], f"{rank}. {Path(dataset.image_paths[indices[r]]).name}  dice "
+                        f"{float(scores['dice'][r, c]):.3f}") for rank, r in enumerate(ranked, 1)]
+            out[class_names[c]] = error_gallery(entries, c, class_names, ignore_index)
+    return out
+
+
+def write_report(out_dir: Path, dataset, indices: Sequence[int], matrices: torch.Tensor, class_names: Sequence[str],
+                 k: int, gallery_images: dict[str, np.ndarray]) -> list[Path]:
+    """per_image.csv, report.md and the galleries of an evaluation in ``out_dir``; the paths written."""
+    paths = [str(dataset.image_paths[i]) for i in indices]
+    return PerImageReport(paths, list(class_names), matrices).write(out_dir, k, gallery_images)
