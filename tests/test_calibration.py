@@ -234,3 +234,23 @@ def test_analysis_options_are_checked_before_training(override, message, tmp_pat
     with pytest.raises(ValueError, match=message):
         train(compose_config(["debug=fast", f"dataset.root={tmp_path / 'data'}", override]), tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_one_channel_model_is_tuned_through_its_two_class_view():
+    """[0, z] is the softmax view of a sigmoid logit z: a bias (b0, b1) there is the bias b1 - b0 on z, which the
+    one-channel model's LogitCalibration applies; the masks agree pixel for pixel (p >= 0.5 of the sigmoid)."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 1, 20, 20, generator=g) * 2
+    target = (torch.rand(2, 20, 20, generator=g) < torch.sigmoid(z[:, 0] - 1.0)).long()  # the logit is 1 too high
+    sample = PixelSample(per_image=400)
+    sample.add(z, target)
+    logits, labels = sample.tensors()
+    assert logits.shape == (800, 2) and torch.equal(logits[:, 0], torch.zeros(800))
+    bias, start, best = tune_bias(logits, labels, parse_objective("dice/foreground", ["background", "foreground"]))
+    assert best >= start
+    one = LogitCalibration(1.0, [float(bias[1] - bias[0])])(z)
+    mask_one = torch.sigmoid(one)[:, 0] >= 0.5
+    two = predict(logits, bias)  # the same pixels, as the search scored them
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 1)
+    order = torch.tensor([int(torch.nonzero((flat[:, 0] == v).int())[0]) for v in logits[:, 1]])
+    assert torch.equal(mask_one.flatten()[order].long(), two)
