@@ -104,6 +104,9 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     before = measure(model, loader, rt, {"none": None}, ds.num_classes, ds.ignore_index, bins, sample)["none"]
     logits, labels = sample.tensors()
     temperature = fit_temperature(logits, labels)
+    if not 0.1 <= temperature <= 10:
+        log.warning("temperature %.4g, far from 1: the model's logits carry little of what the labels say (a model "
+                    "that has barely trained?); the bias, if tuned, acts on logits divided by it", temperature)
     k = logits.shape[1]
     bias = torch.zeros(k)
     if objective is not None:
