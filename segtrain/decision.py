@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from segtrain.errors import choice_message
-from segtrain.metrics import class_argmax
+from segtrain.metrics import class_argmax, class_scores
 
 GRID = torch.linspace(-8.0, 8.0, 321)  # offsets from a class's current bias, steps of 0.05
 MAX_ROUNDS = 6
@@ -34,16 +34,6 @@ _RECALL_AT = re.compile(r"^recall/(?P<cls>.+)@precision>=(?P<p>[0-9.]+)$")
 def confusion(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) int64 counts, rows = true class."""
     return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def _scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(..., K) dice, iou, precision, recall of (..., K, K) confusion matrices (NaN where undefined)."""
-    m = matrices.double()
-    tp = m.diagonal(dim1=-2, dim2=-1)
-    fp, fn = m.sum(-2) - tp, m.sum(-1) - tp
-    ratio = lambda a, b: torch.where(b > 0, a / b.clamp_min(1), torch.full_like(a, math.nan))  # noqa: E731
-    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
-            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
 
 
 @dataclass(frozen=True)
@@ -64,11 +54,11 @@ def parse_objective(text: str, class_names: Sequence[str]) -> Objective:
                *(f"recall/{c}@precision>=<p>" for c in names)]
     if text in ("mDice", "mIoU"):
         metric = "dice" if text == "mDice" else "iou"
-        return Objective(text, lambda m: _scores(m)[metric].nanmean(-1).nan_to_num(0.0))
+        return Objective(text, lambda m: class_scores(m)[metric].nanmean(-1).nan_to_num(0.0))
     metric, _, cls = text.partition("/")
     if metric in ("dice", "iou") and cls in names:
         c = names.index(cls)
-        return Objective(text, lambda m: _scores(m)[metric][..., c].nan_to_num(0.0))
+        return Objective(text, lambda m: class_scores(m)[metric][..., c].nan_to_num(0.0))
     match = _RECALL_AT.match(text)
     if match and match["cls"] in names:
         c, floor = names.index(match["cls"]), float(match["p"])
@@ -76,7 +66,7 @@ def parse_objective(text: str, class_names: Sequence[str]) -> Objective:
             raise ValueError(f"decision.objective={text!r}: the precision must be in (0, 1]")
 
         def recall_at(m: torch.Tensor) -> torch.Tensor:
-            s = _scores(m)
+            s = class_scores(m)
             precision, recall = s["precision"][..., c].nan_to_num(0.0), s["recall"][..., c].nan_to_num(0.0)
             return torch.where(precision >= floor, recall, precision - 1.0)
 
@@ -137,7 +127,7 @@ def tune_bias(logits: torch.Tensor, labels: torch.Tensor, objective: Objective,
 
 def per_class_table(before: torch.Tensor, after: torch.Tensor, class_names: Sequence[str]) -> str:
     """Precision / recall / Dice per class from two confusion matrices, side by side."""
-    b, a = _scores(before), _scores(after)
+    b, a = class_scores(before), class_scores(after)
     width = max(8, *(len(n) for n in class_names))
     head = f"{'class':<{width}}  {'prec':>6} {'recall':>6} {'Dice':>6}  ->  {'prec':>6} {'recall':>6} {'Dice':>6}"
     rows = [head, "-" * len(head)]

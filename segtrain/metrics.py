@@ -60,26 +60,30 @@ class ConfusionMatrix:
         is left out of the means.
         """
         m = self.matrix.double().cpu()
-        tp = m.diag()
-        fp = m.sum(0) - tp
-        fn = m.sum(1) - tp
-        nan = torch.tensor(math.nan, dtype=torch.float64)
-
-        def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-            return torch.where(den > 0, num / den.clamp_min(1), nan)
-
-        iou = ratio(tp, tp + fp + fn)
-        dice = ratio(2 * tp, 2 * tp + fp + fn)
+        scores = class_scores(m)
         total = m.sum()
         return {
-            "iou": iou,
-            "dice": dice,
-            "precision": ratio(tp, tp + fp),
-            "recall": ratio(tp, tp + fn),
-            "mIoU": float(iou.nanmean()),
-            "mDice": float(dice.nanmean()),
-            "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+            **scores,
+            "mIoU": float(scores["iou"].nanmean()),
+            "mDice": float(scores["dice"].nanmean()),
+            "pixel_acc": float(m.diag().sum() / total) if total > 0 else math.nan,
         }
+
+
+def class_scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-class ``iou``, ``dice``, ``precision``, ``recall`` (float64, NaN where the denominator is 0) of
+    (..., C, C) confusion matrices, rows = true class: one matrix, a batch of images, a grid of decisions."""
+    m = matrices.double()
+    tp = m.diagonal(dim1=-2, dim2=-1)  # (..., C)
+    fp = m.sum(-2) - tp
+    fn = m.sum(-1) - tp
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=m.device)
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp_min(1), nan)
+
+    return {"iou": ratio(tp, tp + fp + fn), "dice": ratio(2 * tp, 2 * tp + fp + fn), "precision": ratio(tp, tp + fp),
+            "recall": ratio(tp, tp + fn)}
 
 
 class SoftDiceTracker:

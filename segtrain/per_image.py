@@ -21,7 +21,7 @@ from PIL import Image
 
 from segtrain.atomic import atomic_write
 from segtrain.distributed import all_gather_objects
-from segtrain.metrics import class_argmax
+from segtrain.metrics import class_argmax, class_scores
 
 
 def _sorted_by_index(indices: list[int], matrices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -91,17 +91,12 @@ def per_image_scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
     if matrices.dim() != 3 or matrices.shape[1] != matrices.shape[2]:
         raise ValueError(f"per_image_scores: matrices {tuple(matrices.shape)} must be (M, C, C)")
     counts = matrices.long().cpu()
-    tp = counts.diagonal(dim1=1, dim2=2)  # (M, C)
-    true_pixels = counts.sum(dim=2)  # rows are the true class
-    predicted_pixels = counts.sum(dim=1)
-    union = true_pixels + predicted_pixels - tp  # tp + fp + fn
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    present = union > 0
+    scores = class_scores(counts)
     return {
-        "dice": torch.where(present, 2 * tp.double() / (true_pixels + predicted_pixels).clamp_min(1), nan),
-        "iou": torch.where(present, tp.double() / union.clamp_min(1), nan),
-        "true_pixels": true_pixels,
-        "predicted_pixels": predicted_pixels,
+        "dice": scores["dice"],
+        "iou": scores["iou"],
+        "true_pixels": counts.sum(dim=2),  # rows are the true class
+        "predicted_pixels": counts.sum(dim=1),
     }
 
 
