@@ -28,7 +28,7 @@ from segtrain.build import (analysis_options, build_loss_fn, build_runtime, clas
 from segtrain.calibrate import fitted_on
 from segtrain.checkpoint import SavedModel, read_with_overrides
 from segtrain.engine import evaluate
-from segtrain.hard_cases import galleries, write_report
+from segtrain.hard_cases import write_report
 from segtrain.metrics import flatten_metrics, format_table
 
 log = logging.getLogger("segtrain.evaluate")
@@ -81,11 +81,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, sa
     result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
                       inference=inference, per_image=report, calibration_bins=options.calibration.bins)
     if report:
-        k, folder = options.report.worst_k, report_dir(saved, cfg, split, options.report.dir)
-        images = galleries(model, split, *result.per_image, class_names, k, rt, inference, ds.mean, ds.std,
-                           ds.ignore_index)
-        write_report(folder, split, *result.per_image, class_names, k, images)
-        log.info("per-image report (the %d worst images per class): %s", k, folder / "report.md")
+        write_report(report_dir(saved, cfg, split, options.report.dir), model, split, result.per_image, class_names,
+                     options.report.worst_k, rt, inference, ds.mean, ds.std, ds.ignore_index)
     return result.metrics, class_names
 
 

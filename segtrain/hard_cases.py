@@ -8,6 +8,7 @@ misses and false positives marked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from segtrain.metrics import class_argmax
 from segtrain.parts import Runtime
 from segtrain.per_image import PerImageReport, per_image_scores, worst_images
 from segtrain.visualize import denormalize, error_gallery
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -58,8 +61,17 @@ def galleries(model, dataset, indices: Sequence[int], matrices: torch.Tensor, cl
     return out
 
 
-def write_report(out_dir: Path, dataset, indices: Sequence[int], matrices: torch.Tensor, class_names: Sequence[str],
-                 k: int, gallery_images: dict[str, np.ndarray]) -> list[Path]:
-    """per_image.csv, report.md and the galleries of an evaluation in ``out_dir``; the paths written."""
+def write_report(out_dir: Path, model, dataset, per_image: tuple[Sequence[int], torch.Tensor] | None,
+                 class_names: Sequence[str], k: int, rt: Runtime, inference: InferenceOptions | None,
+                 mean: Sequence[float], std: Sequence[float], ignore_index: int = 255) -> list[Path]:
+    """per_image.csv, report.md and the ``k`` worst images' galleries (``galleries``) of an evaluation's
+    ``per_image`` (dataset indices, their matrices: ``engine.Evaluation.per_image``) in ``out_dir``; the paths
+    written (none without per-image matrices)."""
+    if per_image is None:
+        return []
+    indices, matrices = per_image
+    images = galleries(model, dataset, indices, matrices, class_names, k, rt, inference, mean, std, ignore_index)
     paths = [str(dataset.image_paths[i]) for i in indices]
-    return PerImageReport(paths, list(class_names), matrices).write(out_dir, k, gallery_images)
+    written = PerImageReport(paths, list(class_names), matrices).write(out_dir, k, images)
+    log.info("per-image report (the %d worst images per class): %s", k, Path(out_dir) / "report.md")
+    return written

@@ -26,16 +26,16 @@ from segtrain.optim import RunLength, run_length
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, fit
-from segtrain.hard_cases import galleries, write_report
+from segtrain.hard_cases import write_report
 from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 from segtrain.weights import compute_class_weights, weights_table
 
 log = logging.getLogger(__name__)
 
 
-def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, length: RunLength, rt,
-                 stop: StopSignals) -> FitOptions:
-    tr, analysis = cfg.trainer, analysis_options(cfg)
+def _fit_options(cfg: DictConfig, analysis: DictConfig, class_names: list[str], steps_per_epoch: int,
+                 length: RunLength, rt, stop: StopSignals) -> FitOptions:
+    tr = cfg.trainer
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     return FitOptions(
@@ -47,7 +47,8 @@ def _fit_options(cfg: DictConfig, class_names: list[str], steps_per_epoch: int, 
         checkpoint_every=tr.checkpoint_every, stop=stop, on_nonfinite=tr.on_nonfinite, max_skipped=tr.max_skipped,
         rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
         ema_evaluate=tr.ema.evaluate, calibration_bins=analysis.calibration.bins,
-        tensorboard_k=analysis.report.tensorboard_k, early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
+        tensorboard_k=analysis.report.tensorboard_k,
+        early_stopping=None if tr.early_stopping.patience is None else EarlyStopping(
             tr.early_stopping.patience, tr.early_stopping.min_delta, str(tr.monitor_mode), tr.monitor))
 
 
@@ -75,19 +76,6 @@ def _log_start(run_dir: Path, rt, data, steps_per_epoch: int, length: RunLength,
              STOPPED_EXIT_CODE)
 
 
-def _write_report(folder: Path, parts, evaluation, dataset, cfg: DictConfig, rt, class_names: list[str]) -> None:
-    """The last evaluation's per-image report (hard_cases.write_report), with the weights it evaluated."""
-    if evaluation is None or evaluation.per_image is None:
-        return
-    k = analysis_options(cfg).report.worst_k
-    model = parts.eval_model(cfg.trainer.ema.evaluate)
-    images = galleries(model, dataset, *evaluation.per_image, class_names, k, rt,
-                       inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype), cfg.dataset.mean, cfg.dataset.std,
-                       cfg.dataset.ignore_index)
-    write_report(folder, dataset, *evaluation.per_image, class_names, k, images)
-    log.info("per-image report (the %d worst images per class): %s", k, folder / "report.md")
-
-
 def check_checkpoint_policy(tr: DictConfig) -> None:
     """trainer.checkpoint_every (null or a step count >= 1) and trainer.keep_last (>= 1), before anything runs."""
     if tr.checkpoint_every is not None:
@@ -95,9 +83,10 @@ def check_checkpoint_policy(tr: DictConfig) -> None:
     check_count("trainer.keep_last", tr.keep_last, "a number of checkpoints")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> DictConfig:
     """What composition (segtrain/schema.py) cannot check, before anything is written: trainer.epochs or
-    trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options."""
+    trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options, the
+    analysis options (``build.analysis_options``, returned)."""
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
     check_early_stopping(cfg.trainer.early_stopping)
@@ -105,7 +94,7 @@ def check_config(cfg: DictConfig) -> None:
         check_decay(cfg.trainer.ema.decay)
     run_length(cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.max_steps, steps_per_epoch=1)
     build_loss_fn(cfg, None, torch.device("cpu"))
-    analysis_options(cfg)
+    return analysis_options(cfg)
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float:
@@ -114,7 +103,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     ``overrides`` (the command line's) are stored in the checkpoints, so that
     ``python -m segtrain.evaluate`` can apply further overrides on top of the same composition.
     """
-    check_config(cfg)
+    analysis = check_config(cfg)  # report, calibration, decision, checked
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
@@ -126,7 +115,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     seed_everything(cfg.seed, tr.deterministic)
     rt = build_runtime(tr)
     class_names = class_names_of(ds)
-    check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis_options(cfg).calibration.bins is not None)
+    check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis.calibration.bins is not None)
 
     data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
     class_weights = compute_class_weights(data.stats, class_names=class_names, **cfg.weights)
@@ -163,10 +152,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     meta = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": list(overrides or []),
             "class_names": class_names, "class_weights": class_weights.cpu()}
     out = RunOutput(run_dir / "checkpoints" if main_process else None, logger, meta, tr.keep_last, last_step)
+    opts = _fit_options(cfg, analysis, class_names, steps_per_epoch, length, rt, stop)
     start = time.perf_counter()
     try:
-        final = fit(parts, train_loader, val_loader, loss_fn, rt, state,
-                    _fit_options(cfg, class_names, steps_per_epoch, length, rt, stop), out)
+        final = fit(parts, train_loader, val_loader, loss_fn, rt, state, opts, out)
         if logger is not None:
             logger.hparams(hparams_of(cfg, rt.amp_dtype), hparams_metrics(final, state.best_metrics))
             logger.text("data/class_statistics", table, state.step)
@@ -179,8 +168,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
             logger.close()
     digests = gather_digests(model)
     if main_process:
-        _write_report(run_dir / "eval" / ds.val_split, parts, out.last_evaluation, val_loader.dataset, cfg, rt,
-                      class_names)
+        write_report(run_dir / "eval" / ds.val_split, parts.eval_model(tr.ema.evaluate), val_loader.dataset,
+                     getattr(out.last_evaluation, "per_image", None), class_names, analysis.report.worst_k, rt,
+                     opts.inference, ds.mean, ds.std, ds.ignore_index)
         write_metrics_json(run_dir / "metrics.json", cfg, class_names, data.stats, class_weights, final, state,
                            time.perf_counter() - start, digests)
         log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],
