@@ -33,7 +33,7 @@ from segtrain.calibration import LogitCalibration, PixelSample, ReliabilityHisto
 from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
 from segtrain.decision import parse_objective, per_class_table, tune_bias
 from segtrain.inference import scored_logits
-from segtrain.metrics import ConfusionMatrix
+from segtrain.metrics import ConfusionMatrix, class_argmax
 
 log = logging.getLogger("segtrain.calibrate")
 USAGE = "usage: python -m segtrain.calibrate checkpoint=<path/to/best.pt> [output=<file>] [key=value ...]"
@@ -72,9 +72,10 @@ def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None],
             sample.add(raw, masks)
         for name, calibration in calibrations.items():
             logits = raw if calibration is None else calibration.to(raw.device)(raw)
+            preds = class_argmax(two_class(logits))  # once for both (the histogram would take it again)
             matrix, histogram = out[name]
-            matrix.update(two_class(logits), masks)
-            histogram.update(logits, masks)
+            matrix.update(preds, masks)
+            histogram.update(logits, masks, preds)
     return {name: (matrix.matrix.cpu(), histogram) for name, (matrix, histogram) in out.items()}
 
 
