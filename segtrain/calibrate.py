@@ -41,11 +41,12 @@ SUFFIX = "_calibrated"
 
 
 def output_path(checkpoint: Path, output: str | None) -> Path:
-    """``output``, or ``<name>_calibrated.pt`` beside the checkpoint (a calibrated one is replaced, not suffixed
-    twice); never the checkpoint itself."""
+    """``output``, or ``<name>_calibrated.pt`` beside the checkpoint (not suffixed twice: the default name of a
+    ``<name>_calibrated.pt`` is itself, so calibrating one again needs ``output=``); never the checkpoint itself."""
     path = Path(output) if output else checkpoint.with_name(checkpoint.stem.removesuffix(SUFFIX) + SUFFIX + ".pt")
     if path.resolve() == checkpoint.resolve():
-        raise ValueError(f"output={path}: that is the checkpoint being calibrated; it is never overwritten")
+        raise ValueError(f"output={path}: that is the checkpoint being calibrated, which is never overwritten; "
+                         "give another output=<file>")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -254,3 +255,15 @@ def test_a_one_channel_model_is_tuned_through_its_two_class_view():
     flat = z.permute(0, 2, 3, 1).reshape(-1, 1)
     order = torch.tensor([int(torch.nonzero((flat[:, 0] == v).int())[0]) for v in logits[:, 1]])
     assert torch.equal(mask_one.flatten()[order].long(), two)
+
+
+def test_calibrate_never_writes_over_its_input(calibrated, capsys):
+    from segtrain.calibrate import main
+
+    _, target, _ = calibrated
+    digest = _sha(target)
+    for argv in ([f"checkpoint={target}"], [f"checkpoint={target}", f"output={target}"]):  # default name = itself
+        assert main(argv) == 2
+        assert re.search(r"^error: output=.*last_calibrated.pt: that is the checkpoint being calibrated, which is "
+                         r"never overwritten; give another output=<file>$", capsys.readouterr().err, re.M)
+    assert _sha(target) == digest
