@@ -17,8 +17,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain import distributed
+from segtrain import distributed, registry
 from segtrain.calibration import CalibratedModel, LogitCalibration
+from segtrain.checks import check_class_count
 from segtrain.checkpoint import SavedModel
 from segtrain.config import CONFIG_DIR, load_option
 from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
@@ -28,17 +29,13 @@ from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
 from segtrain.ema import WeightEma
 from segtrain.parts import Runtime, TrainParts, resolve_amp
-from segtrain.errors import check_choice, check_count, choice_message
+from segtrain.errors import check_count, choice_message
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
-from segtrain.metrics import ConfusionMatrix, flatten_metrics
 from segtrain.optim import param_groups
 from segtrain.weights import STRATEGIES
 
 log = logging.getLogger(__name__)
-
-# Keys of the model config that configure training around the model, not the model class.
-MODEL_TRAINING_KEYS = ("sync_bn",)
 
 
 # ---------------------------------------------------------------- runtime
@@ -71,6 +68,15 @@ def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dt
     return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
                             tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype,
                             float(inf.threshold))
+
+
+def inference_runtime(cfg: DictConfig) -> tuple[Runtime, InferenceOptions]:
+    """What evaluate and calibrate run a checkpoint on, the same as ``segtrain.predict``: ``trainer.device``, and the
+    precision ``inference.amp`` gives (``checkpoint``: the run's trainer.amp on CUDA, full precision on a CPU, even
+    one whose native bf16 made the run train in bf16), so that the three agree on the same machine."""
+    device = distributed.device_for(cfg.trainer.device)
+    options = inference_options(cfg, device)
+    return Runtime(device, options.amp_dtype, bool(cfg.trainer.get("channels_last", False))), options
 
 
 def analysis_options(cfg: DictConfig) -> DictConfig:
@@ -108,14 +114,7 @@ def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     return min(8, cores)
 
 
-# ---------------------------------------------------------------- names and checks
-
-
-def class_names_of(ds: DictConfig) -> list[str]:
-    names = ds.get("class_names") or [f"class_{i}" for i in range(ds.num_classes)]
-    if len(names) != ds.num_classes:
-        raise ValueError(f"dataset.class_names has {len(names)} names but dataset.num_classes={ds.num_classes}")
-    return list(names)
+# ---------------------------------------------------------------- tables
 
 
 def weights_column_options() -> dict[str, dict]:
@@ -124,16 +123,6 @@ def weights_column_options() -> dict[str, dict]:
     weights_dir = CONFIG_DIR / "weights"
     return {name: OmegaConf.to_container(load_option("weights", name), resolve=True)
             for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
-
-
-def check_monitor(monitor: str, mode: str, class_names: list[str], with_ece: bool = True) -> None:
-    """Fail before training, not at the first evaluation, on a misspelt metric name."""
-    # The names an evaluation will produce: those of an empty confusion matrix, plus the loss (and calibration).
-    valid = set(flatten_metrics(ConfusionMatrix(len(class_names)).compute(), class_names, "val")) | {"val/loss"}
-    valid |= {"val/ece", *(f"val/ece/{name}" for name in class_names)} if with_ece else set()
-    if monitor not in valid:
-        raise KeyError(choice_message("trainer.monitor", monitor, sorted(valid), "is not a logged metric"))
-    check_choice("trainer.monitor_mode", mode, ("max", "min"))
 
 
 # ---------------------------------------------------------------- data
@@ -146,12 +135,15 @@ def _dataset_options(ds: DictConfig) -> dict:
             for k in keys if (v := ds.get(k)) is not None}
 
 
-def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bool = False) -> FolderDataset:
-    """One split of the configured dataset; a ``dataset.generate`` section writes it first."""
+def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bool = False,
+                  generate: bool = True) -> FolderDataset:
+    """One split of the configured dataset; a ``dataset.generate`` section writes it first, or with ``generate=False``
+    (a root read from a checkpoint) only checks that it is there as described."""
     root = Path(ds.root).expanduser()
     if ds.get("generate") is not None:
         # Written once, by rank 0 under DDP; the other ranks wait for it here.
-        distributed.on_main_then_broadcast(ensure_synthetic, root, ignore_index=ds.ignore_index, **ds.generate)
+        distributed.on_main_then_broadcast(ensure_synthetic, root, ignore_index=ds.ignore_index, write=generate,
+                                           **ds.generate)
     return make_dataset(ds.get("layout", "folder"), root, split, num_classes=ds.num_classes,
                         ignore_index=ds.ignore_index, transform=transform, allow_unpaired=allow_unpaired,
                         **_dataset_options(ds))
@@ -177,9 +169,9 @@ def eval_transform_of(ds: DictConfig) -> object:
     return eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index, val_resize=ds.get("val_resize"))
 
 
-def eval_split(ds: DictConfig, split: str, workers: int = 0) -> FolderDataset:
+def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = True) -> FolderDataset:
     """A split with the evaluation transform, its pairs checked first."""
-    dataset = dataset_split(ds, split, eval_transform_of(ds))
+    dataset = dataset_split(ds, split, eval_transform_of(ds), generate=generate)
     split_counts(dataset, workers)
     return dataset
 
@@ -260,18 +252,22 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
 
 
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
-    """The model class ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``)."""
-    options = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in MODEL_TRAINING_KEYS:
-        options.pop(key, None)
-    return instantiate(options)
+    """The model ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``): a registered class
+    by its name (``segtrain.registry``), else through Hydra."""
+    return registry.build_model(OmegaConf.to_container(model_cfg, resolve=True))
 
 
 def model_from_checkpoint(saved: SavedModel, cfg: DictConfig) -> torch.nn.Module:
     """``cfg.model`` with the checkpoint's weights, on the CPU; with the checkpoint's temperature and bias
     (``segtrain.calibrate``) on its logits unless ``inference.calibrated=false``."""
+    check_class_count(saved, cfg)
     model = build_model(cfg.model)
-    model.load_state_dict(saved.weights)
+    try:
+        model.load_state_dict(saved.weights)
+    except RuntimeError as err:  # torch lists every mismatched tensor; the first lines name enough
+        lines = str(err).splitlines()
+        raise RuntimeError(f"{saved.path}: its weights do not fit the model its config builds "
+                           f"({cfg.model.get('_target_')}): {' '.join(line.strip() for line in lines[:4])}") from err
     if saved.calibration is None or not OmegaConf.select(cfg, "inference.calibrated", default=True):
         return model
     cal = saved.calibration

@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from segtrain.build import (analysis_options, build_runtime, class_names_of, eval_loader, eval_split,
-                            model_from_checkpoint, place_model, resolve_num_workers)
+from segtrain.build import (analysis_options, eval_loader, eval_split, inference_runtime, model_from_checkpoint,
+                            place_model, resolve_num_workers)
+from segtrain.checks import class_names_of
 from segtrain.calibration import LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature, nll, two_class
 from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
 from segtrain.decision import parse_objective, per_class_table, tune_bias
@@ -90,14 +90,15 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     options = analysis_options(cfg)
     target = output_path(saved.path, output)
     ds, tr = cfg.dataset, cfg.trainer
+    rt, _ = inference_runtime(cfg)  # predict's precision: the logits predict will calibrate
+    workers = resolve_num_workers(tr.num_workers, rt.device)
+    model = model_from_checkpoint(saved, cfg)  # its class count checked before any pass over the data
     class_names = class_names_of(ds)
     labels_named = _label_names(class_names)
     objective = parse_objective(options.decision.objective, labels_named) if options.decision.tune else None
-    rt = build_runtime(tr)
-    workers = resolve_num_workers(tr.num_workers, rt.device)
-    split = eval_split(ds, ds.get("split") or ds.val_split, workers)
+    split = eval_split(ds, ds.get("split") or ds.val_split, workers, generate=saved.user_gave("dataset.root"))
     loader = eval_loader(split, ds, workers)
-    model = place_model(model_from_checkpoint(saved, cfg), rt)
+    model = place_model(model, rt)
     bins = options.calibration.bins or 15
     per_image = max(1, math.ceil(options.calibration.max_pixels / len(split)))
     sample = PixelSample(per_image, ds.ignore_index, options.calibration.seed)

@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.atomic import atomic_write
-from segtrain.config import apply_overrides
+from segtrain import registry
+from segtrain.config import apply_overrides, override_keys
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,19 @@ class TrainState:
     early_stop: str | None = None  # why the run stopped early; a resumed run does not train further
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(item) for item in items)
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically (``segtrain.atomic``), flushed to disk first: a crash
-    mid-write leaves the previous checkpoint intact."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)
+    mid-write leaves the previous checkpoint intact, a full disk is refused (``NoSpaceLeft``) before writing
+    when the free space is below the tensors' size."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True, size_hint=tensor_bytes(state))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -218,6 +228,7 @@ class SavedModel:
     ema_weights: dict[str, torch.Tensor] | None = None  # trainer.ema's average, when the run kept one
     raw_weights: dict[str, torch.Tensor] | None = None
     calibration: dict[str, Any] | None = None  # segtrain.calibrate's temperature and bias, when fitted
+    replaced: tuple[str, ...] = ()  # the keys and groups the user's overrides give, not taken from the file
 
     def choose_weights(self, config: DictConfig) -> SavedModel:
         """``weights`` = the EMA weights when there are some and ``config``'s trainer.ema.evaluate (as the run
@@ -226,23 +237,44 @@ class SavedModel:
         self.weights = self.ema_weights if use_ema else self.raw_weights
         return self
 
+    def user_gave(self, key: str) -> bool:
+        """Whether ``key``'s value comes from the user's overrides (it or a group above it named there), not
+        from the file: a dataset root read from a checkpoint is never written to (no data generated there)."""
+        return any(key == named or key.startswith(f"{named}.") for named in self.replaced)
 
-def read_for_inference(path: str | Path) -> SavedModel:
-    """The model, its config and its class metadata from a checkpoint (no optimizer state kept)."""
+
+def _stored_config(path: Path, text: Any, overrides: list[str], replaced: tuple[str, ...]) -> DictConfig:
+    """The checkpoint's config, refused (``registry.UntrustedConfig``) when it or its stored command line names code."""
+    try:
+        config = OmegaConf.create(text)
+        tree = OmegaConf.to_container(config, resolve=True)
+    except Exception as err:  # OmegaConf and YAML raise several types
+        raise ValueError(f"{path}: its stored config does not read as a config ({type(err).__name__}: {err})") from err
+    if not isinstance(tree, dict) or not all(isinstance(line, str) for line in overrides):
+        raise ValueError(f"{path}: its stored config is not a mapping with a list of override strings")
+    registry.check_file_config(tree, overrides, path, replaced)
+    return config
+
+
+def read_for_inference(path: str | Path, replaced: tuple[str, ...] = ()) -> SavedModel:
+    """The model, its config and its class metadata from a checkpoint (no optimizer state kept). The stored config
+    is checked (``registry.check_file_config``) except under ``replaced``, the keys the caller's overrides give."""
     ckpt = load_checkpoint(path)
     missing = _missing(ckpt, INFERENCE_KEYS)
     if missing:
         raise ValueError(f"{path}: not a segtrain checkpoint (no {', '.join(missing)}); expected a "
                          "checkpoints/last.pt or best.pt written by python -m segtrain")
-    config = OmegaConf.create(ckpt["config"])
+    overrides = list(ckpt.get("overrides", []))
+    config = _stored_config(Path(path), ckpt["config"], overrides, replaced)
     ema = ckpt["ema"]["module"] if "ema" in ckpt else None
-    saved = SavedModel(Path(path), config, list(ckpt.get("overrides", [])), ckpt["model"], list(ckpt["class_names"]),
-                       ckpt.get("class_weights"), ema, ckpt["model"], ckpt.get("calibration"))
+    saved = SavedModel(Path(path), config, overrides, ckpt["model"], list(ckpt["class_names"]),
+                       ckpt.get("class_weights"), ema, ckpt["model"], ckpt.get("calibration"), tuple(replaced))
     return saved.choose_weights(config)
 
 
 def read_with_overrides(path: str | Path, overrides: list[str] | None = None) -> tuple[SavedModel, DictConfig]:
     """The checkpoint, and its config with ``overrides`` applied (``config.apply_overrides``)."""
-    saved = read_for_inference(path)
-    cfg = apply_overrides(saved.config, saved.overrides, list(overrides or []))
+    overrides = list(overrides or [])
+    saved = read_for_inference(path, tuple(override_keys(overrides)))
+    cfg = apply_overrides(saved.config, saved.overrides, overrides)
     return saved.choose_weights(cfg), cfg

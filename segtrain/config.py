@@ -51,14 +51,18 @@ def load_option(group: str, option: str) -> DictConfig:
     return OmegaConf.merge(merged, loaded)
 
 
+def override_keys(overrides: list[str]) -> list[str]:
+    """The key or group each override names (``dataset.root=x`` -> ``dataset.root``, ``+model.x=1`` -> ``model.x``)."""
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides)]
+
+
 def apply_overrides(saved: DictConfig, saved_overrides: list[str], overrides: list[str]) -> DictConfig:
     """``saved`` with the keys and groups named by ``overrides`` taken from a fresh composition
     of the training command's overrides followed by these ones; everything else stays as saved."""
     if not overrides:
         return saved
-    parser = OverridesParser.create()
-    named = {o.key_or_group for o in parser.parse_overrides(overrides)}
-    kept = [o.input_line for o in parser.parse_overrides(saved_overrides)
+    named = set(override_keys(overrides))
+    kept = [o.input_line for o in OverridesParser.create().parse_overrides(saved_overrides)
             if o.key_or_group not in named and not o.key_or_group.startswith("hydra")]
     fresh = compose_config(kept + overrides)
     merged = saved.copy()

@@ -23,12 +23,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from segtrain.build import (analysis_options, build_loss_fn, build_runtime, class_names_of, eval_loader, eval_split,
-                            inference_options, model_from_checkpoint, place_model, resolve_num_workers)
+from segtrain.build import (analysis_options, build_loss_fn, eval_loader, eval_split, inference_runtime,
+                            model_from_checkpoint, place_model, resolve_num_workers)
 from segtrain.calibrate import fitted_on
 from segtrain.checkpoint import SavedModel, read_with_overrides
+from segtrain.checks import class_names_of
 from segtrain.engine import evaluate
 from segtrain.hard_cases import write_report
+from segtrain.inference import check_tile
 from segtrain.metrics import flatten_metrics, format_table
 
 log = logging.getLogger("segtrain.evaluate")
@@ -70,14 +72,15 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, sa
     saved, cfg = read_with_overrides(path, overrides)
     ds, tr = cfg.dataset, cfg.trainer
     options = analysis_options(cfg)
-    class_names = class_names_of(ds)
-    rt = build_runtime(tr)
+    rt, inference = inference_runtime(cfg)  # predict's precision: the same numbers as predict on this machine
     workers = resolve_num_workers(tr.num_workers, rt.device)
-    split = eval_split(ds, ds.get("split") or ds.val_split, workers)
+    model = model_from_checkpoint(saved, cfg)  # its class count checked before any pass over the data
+    class_names = class_names_of(ds)
+    check_tile(inference, model)
+    split = eval_split(ds, ds.get("split") or ds.val_split, workers, generate=saved.user_gave("dataset.root"))
     check_held_out(saved, cfg, split, same_split_ok)
-    model = place_model(model_from_checkpoint(saved, cfg), rt)
+    model = place_model(model, rt)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
-    inference = inference_options(cfg, rt.device, amp_dtype=rt.amp_dtype)
     result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
                       inference=inference, per_image=report, calibration_bins=options.calibration.bins)
     if report:

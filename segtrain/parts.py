@@ -4,6 +4,7 @@ layout, chosen once) and ``TrainParts`` (model, optimizer, schedule, GradScaler,
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,18 @@ log = logging.getLogger(__name__)
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
+NATIVE_BF16_ENV = "SEGTRAIN_NATIVE_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs that compute in bf16 natively. (``torch.ops.mkldnn.
     _is_mkldnn_bf16_supported()`` is also true on plain AVX-512, where bf16 is emulated: half the
-    speed of fp32 there, docs/BENCHMARKS.md.)"""
+    speed of fp32 there, docs/BENCHMARKS.md.) ``SEGTRAIN_NATIVE_BF16=1`` or ``0`` overrides the detection: for
+    a CPU it misjudges, and for tests of either path on any CPU (``pytest --native-bf16=1``)."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "")
+    if forced:
+        check_choice(NATIVE_BF16_ENV, forced, ("0", "1"))
+        return forced == "1"
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check() for check in checks if check is not None)
 

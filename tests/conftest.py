@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -9,6 +11,26 @@ from hydra.core.global_hydra import GlobalHydra
 
 import segtrain  # noqa: F401  (applies the torchvision import fix before any test imports it)
 from segtrain.config import CONFIG_DIR
+from segtrain.parts import NATIVE_BF16_ENV
+
+
+def pytest_addoption(parser):
+    parser.addoption("--native-bf16", choices=("0", "1"), default=None,
+                     help="run the whole suite as on a CPU with (1) or without (0) native bf16 units: "
+                          "SEGTRAIN_NATIVE_BF16 for this process and the commands it starts")
+
+
+def pytest_configure(config):
+    forced = config.getoption("--native-bf16")
+    if forced is not None:
+        os.environ[NATIVE_BF16_ENV] = forced
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """The code paths of a CPU with native bf16 units (AVX512-BF16, AMX), whatever this CPU has: ``trainer.amp=auto``
+    picks bf16, in this process and the commands a test starts."""
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
 
 
 @pytest.fixture(autouse=True)

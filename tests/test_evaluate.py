@@ -120,18 +120,26 @@ def test_cli_usage_missing_and_foreign_checkpoint(tmp_path, capsys):
                      capsys.readouterr().err, re.M)
 
 
-def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(trained):
+@pytest.mark.parametrize("cpu", ["this", "native_bf16"])
+def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(trained, cpu, request, tmp_path):
     """per_image.csv's pixel counts are the val masks'; its per-image Dice, pooled, give the dataset Dice; the
-    ECE equals torchmetrics' on the model's own logits of every labelled pixel."""
+    ECE equals torchmetrics' on Predictor's probabilities of every labelled pixel. Both paths run each image alone
+    (batch_size_val=1: the same kernels) in the precision predict uses, also for a run whose trainer.amp=auto picked
+    bf16 on a CPU with native bf16 units: evaluate scores what predict predicts."""
     import csv
 
     from segtrain.data.folder import read_mask
     from segtrain.predict import Predictor
     from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
+    amp = []
+    if cpu == "native_bf16":
+        request.getfixturevalue("native_bf16")
+        amp = ["trainer.amp=auto"]  # the run's precision there: bf16
     ckpt = trained / "run/checkpoints/last.pt"
-    folder = trained / "report"
-    metrics, names = evaluate_checkpoint(ckpt, [f"report.dir={folder}", "report.worst_k=2"])
+    folder = tmp_path / "report"
+    metrics, names = evaluate_checkpoint(ckpt, [f"report.dir={folder}", "report.worst_k=2",
+                                                "dataset.batch_size_val=1", *amp])
     rows = list(csv.DictReader((folder / "per_image.csv").open()))
     masks = sorted((trained / "data/masks/val").glob("*.png"))
     assert len(rows) == len(masks) * len(names)
@@ -149,7 +157,7 @@ def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(tra
     assert {p.name for p in folder.iterdir()} >= {"per_image.csv", "report.md", *(f"gallery_{n}.png" for n in names
                                                                                   if (true + pred)[names.index(n)])}
     # ECE from the model's own logits, through torchmetrics.
-    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    predictor = Predictor.from_checkpoint(ckpt, amp, device="cpu")
     probs, labels = [], []
     for path, mask_path in zip(sorted((trained / "data/images/val").glob("*.png")), masks):
         from segtrain.data.folder import read_image

@@ -18,6 +18,7 @@ from segtrain.checkpoint import TrainState, load_checkpoint, load_resumable
 from segtrain.distributed import device_for, parameters_digest
 from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
+from segtrain.parts import NATIVE_BF16_ENV
 from segtrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +215,7 @@ def test_gradient_accumulation_matches_one_large_batch():
 
 @pytest.mark.parametrize("cuda_bf16", [True, False])
 def test_amp_auto_follows_the_hardware(monkeypatch, cuda_bf16):
+    monkeypatch.delenv(NATIVE_BF16_ENV, raising=False)  # the detection itself, whatever --native-bf16 says
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
     assert resolve_amp("auto", torch.device("cuda")) is (torch.bfloat16 if cuda_bf16 else torch.float16)
     # CPUs: bf16 only with AVX512-BF16 or AMX; plain AVX-512 (mkldnn's own check says yes) emulates it.
@@ -223,6 +225,13 @@ def test_amp_auto_follows_the_hardware(monkeypatch, cuda_bf16):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_amp("auto", torch.device("cpu")) is expected
+    for forced, expected in (("1", torch.bfloat16), ("0", None)):  # SEGTRAIN_NATIVE_BF16 overrides the detection
+        monkeypatch.setenv(NATIVE_BF16_ENV, forced)
+        assert resolve_amp("auto", torch.device("cpu")) is expected
+    monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=r"SEGTRAIN_NATIVE_BF16='yes'; valid: 0, 1"):
+        resolve_amp("auto", torch.device("cpu"))
+    monkeypatch.delenv(NATIVE_BF16_ENV)
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("none", None)):
         assert resolve_amp(name, torch.device("cpu")) is dtype and resolve_amp(name, torch.device("cuda")) is dtype
     with pytest.raises(ValueError, match=r"trainer.amp='bf61'; valid: auto, bf16, fp16, none"):

@@ -17,17 +17,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from segtrain.atomic import atomic_write
+from segtrain.errors import check_count
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("background", "region", "spot")
 META_FILE = "synthetic.json"
 GENERATOR_VERSION = 2
+MIN_SIZE = 16  # the smallest image the shapes fit in
 
 
 def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
@@ -122,6 +128,18 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int, ignor
         Image.fromarray(mask).save(mask_dir / f"{split}_{i:05d}.png")
 
 
+def _check_params(num_train: Any, num_val: Any, size: Any, seed: Any, ignore_index: Any) -> None:
+    """Every parameter checked before anything on disk is touched: a wrong one must not cost the existing set."""
+    for key, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("size", size, MIN_SIZE),
+                            ("seed", seed, 0)):
+        check_count(f"dataset.generate.{key}", value, "a whole number", minimum=low)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not \
+            len(CLASS_NAMES) <= ignore_index <= 255:
+        raise ValueError(f"dataset.ignore_index={ignore_index!r}: the synthetic set's masks are 8-bit PNGs of classes "
+                         f"0..{len(CLASS_NAMES) - 1}; expected an ignore_index in {len(CLASS_NAMES)}..255 (255 as "
+                         "usual)")
+
+
 def ensure_synthetic(
     root: str | Path,
     num_train: int = 400,
@@ -129,12 +147,17 @@ def ensure_synthetic(
     size: int = 128,
     seed: int = 0,
     ignore_index: int = 255,
+    write: bool = True,
 ) -> Path:
     """Write the dataset under ``root`` unless the same parameters are already there.
 
-    A directory written with other parameters is regenerated; one that holds images but no
-    ``synthetic.json`` was not written by this generator and is left untouched (error).
+    The parameters are checked first. A directory written with other parameters is regenerated; one that holds
+    images but no ``synthetic.json`` was not written by this generator and is left untouched (error). The new set is
+    written into a hidden folder beside and moved into place whole, so a failure leaves the old set (or nothing)
+    and never a half-written one. ``write=False`` (a root read from a checkpoint) only checks that the set is there
+    with these parameters.
     """
+    _check_params(num_train, num_val, size, seed, ignore_index)
     root = Path(root)
     params = {
         "version": GENERATOR_VERSION,
@@ -145,21 +168,31 @@ def ensure_synthetic(
         "ignore_index": ignore_index,
     }
     meta_path = root / META_FILE
-    if meta_path.is_file():
-        if json.loads(meta_path.read_text()) == params:
-            return root
-        log.info("synthetic dataset at %s has other parameters; regenerating", root)
-        for sub in ("images", "masks"):
-            shutil.rmtree(root / sub, ignore_errors=True)
-        meta_path.unlink()
-    elif (root / "images").exists() or (root / "masks").exists():
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == params:
+        return root
+    if not write:
+        found = "other parameters" if meta_path.is_file() else "no synthetic dataset"
+        raise FileNotFoundError(f"{root}: {found} there, and this root was read from the checkpoint, where nothing is "
+                                "generated; give dataset.root=<folder> on the command line to generate the set there")
+    if not meta_path.is_file() and ((root / "images").exists() or (root / "masks").exists()):
         raise FileExistsError(
             f"{root}: holds images/ or masks/ but no {META_FILE}, so it was not written by the "
             "synthetic generator; choose another dataset.root or use dataset=folder"
         )
+    staging = root / f".generating-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     log.info("writing synthetic dataset (%d train, %d val, %dx%d) to %s", num_train, num_val, size, size, root)
-    _write_split(root, "train", num_train, size, seed, ignore_index)
-    _write_split(root, "val", num_val, size, seed + 1, ignore_index)
-    # Written last: its presence means the whole dataset is complete.
-    meta_path.write_text(json.dumps(params, indent=2))
+    try:
+        _write_split(staging, "train", num_train, size, seed, ignore_index)
+        _write_split(staging, "val", num_val, size, seed + 1, ignore_index)
+        if meta_path.is_file():
+            log.info("synthetic dataset at %s has other parameters; replacing it", root)
+            meta_path.unlink()  # first: a set without its json is never taken for a complete one
+        for sub in ("images", "masks"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+            os.replace(staging / sub, root / sub)
+        # Written last: its presence means the whole dataset is complete.
+        atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(params, indent=2)))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root
