@@ -19,24 +19,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segtrain.data.files import open_image
 from segtrain.data.masks import MaskDecoder, read_mask
 from segtrain.data.pairing import Pairing, pair_by_key, pair_from_list
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "image_size", "read_image", "read_mask", "size_mismatch_error"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderDataset", "check_image", "open_image", "read_image", "read_mask",
+           "size_mismatch_error"]
+
+
+# Modes whose values go beyond 0..255: ``convert("RGB")`` would clip them (a 12-bit camera image turns white).
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _check_depth(img: Image.Image, path: Path) -> None:
+    if img.mode in _WIDE_MODES:
+        raise ValueError(f"{path}: a {'16-bit' if img.mode.startswith('I;16') else img.mode} image (mode {img.mode}); "
+                         "segtrain reads 8-bit images (0..255) and would clip its values: convert it to 8 bits with "
+                         "the scaling right for the data (e.g. a 12-bit camera's 0..4095: divide by 16)")
 
 
 def read_image(path: Path, channels: int = 3) -> np.ndarray:
     """(H, W, 3) uint8 RGB, writable; ``channels=1`` gives (H, W, 1) grey, any other count the
-    file's own channels, which must then be that many."""
-    try:
-        with Image.open(path) as img:
-            if channels in (1, 3):
-                return np.array(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, -1)
-            array = np.array(img)
-    except OSError as err:
-        raise OSError(f"{path}: cannot read image ({err})") from err
+    file's own channels, which must then be that many. A 16-bit or float image is refused, not clipped."""
+    with open_image(path) as img:
+        _check_depth(img, path)
+        if channels in (1, 3):
+            return np.array(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, -1)
+        array = np.array(img)
     array = array.reshape(*array.shape[:2], -1)
     if array.shape[-1] != channels:
         raise ValueError(f"{path}: an image of {array.shape[-1]} channels; the model takes {channels} "
@@ -44,13 +55,20 @@ def read_image(path: Path, channels: int = 3) -> np.ndarray:
     return array
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file's header; the pixels are not decoded."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except OSError as err:
-        raise OSError(f"{path}: cannot read image ({err})") from err
+def check_image(path: Path) -> tuple[int, int]:
+    """(height, width) of an image whose data is whole: a truncated file, one whose bytes changed or a 16-bit image
+    stops here, not mid-training. The cheap way per format: a PNG's chunk checksums are verified (its pixels are
+    not inflated), a JPEG decodes at 1/8 scale (every byte of it still read), other formats decode."""
+    with open_image(path) as img:
+        _check_depth(img, path)
+        size = img.height, img.width
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+        try:  # an OSError (truncated data) is named by open_image
+            img.verify() if img.format == "PNG" else img.load()
+        except (SyntaxError, ValueError) as err:  # Pillow's decoders raise these too for broken data
+            raise OSError(f"broken data: {err}") from err
+    return size
 
 
 def size_mismatch_error(mask_path: Path, mask_hw: tuple[int, ...], image_path: Path,

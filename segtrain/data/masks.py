@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from segtrain.data.files import open_image
 from segtrain.data.palette import ColorDecoder, parse_palette, read_color_mask
 from segtrain.errors import check_choice
 
@@ -36,17 +36,14 @@ def read_mask(path: Path) -> np.ndarray:
 
 def _read_index_png(path: Path) -> np.ndarray:
     """(H, W) in the PNG's own dtype (uint8, uint16 or int32): no wider copy than needed."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(
-                    f"{path}: mask mode {img.mode!r}, expected a single-channel index PNG (L, P, I;16); "
-                    "colour-coded masks need dataset.palette"
-                )
-            # Palette PNGs keep their indices: np.asarray on mode P gives the index, not the colour.
-            return np.array(img)
-    except OSError as err:
-        raise OSError(f"{path}: cannot read mask ({err})") from err
+    with open_image(path, "mask") as img:
+        if img.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(
+                f"{path}: mask mode {img.mode!r}, expected a single-channel index PNG (L, P, I;16); "
+                "colour-coded masks need dataset.palette"
+            )
+        # Palette PNGs keep their indices: np.asarray on mode P gives the index, not the colour.
+        return np.array(img)
 
 
 def mapping_table(mapping: Mapping[Any, Any], num_classes: int, ignore_index: int) -> np.ndarray:
@@ -79,8 +76,12 @@ def value_counts(values: np.ndarray) -> list[tuple[int, int]]:
 def bad_label_message(path: Path | str, bad: list[tuple[int, int]], num_classes: int, ignore_index: int) -> str:
     """The one wording for labels outside the classes; ``bad`` is ``[(value, pixel count), ...]``."""
     listed = ", ".join(f"value {v} ({n} px)" for v, n in bad)
-    return (f"{path}: labels outside [0, {num_classes}) and != ignore_index {ignore_index}: {listed}; "
-            "fix the mask or set dataset.on_bad_label=ignore")
+    if num_classes == 1:  # ignoring the foreground would train on background alone
+        hint = ("a one-class dataset has label 0 only; binary masks (0 = background, 1 = foreground) are two "
+                "classes: set dataset.num_classes=2 (and two dataset.class_names)")
+    else:
+        hint = "fix the mask or set dataset.on_bad_label=ignore"
+    return f"{path}: labels outside [0, {num_classes}) and != ignore_index {ignore_index}: {listed}; {hint}"
 
 
 def count_labels(mask: Any, num_classes: int, ignore_index: int | None) -> tuple[np.ndarray, list[tuple[int, int]]]:

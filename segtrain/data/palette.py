@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from segtrain.data.files import open_image
 from segtrain.errors import check_choice
 
 Color = tuple[int, int, int]
@@ -91,8 +91,5 @@ class ColorDecoder:
 
 def read_color_mask(path: Path) -> np.ndarray:
     """An RGB mask as (H, W, 3) uint8, whatever its PNG mode (palette PNGs give their colours)."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as err:
-        raise OSError(f"{path}: cannot read mask ({err})") from err
+    with open_image(path, "mask") as img:
+        return np.asarray(img.convert("RGB"))

@@ -1,8 +1,8 @@
 """One pass over the pairs of a split: per-image class counts, every file checked, one cache.
 
-Each pair is read once: the mask is decoded (label mapping applied) and counted, the image's
-size is read from its file header (its pixels are not decoded) and compared with the mask's,
-and labels outside the classes are found. The result is an (N, C) int64 matrix, the pixels of
+Each pair is read once: the mask is decoded (label mapping applied) and counted, the image is
+decoded as training will read it (a truncated, changed or 16-bit file stops here) and its size
+compared with the mask's, and labels outside the classes are found. The result is an (N, C) int64 matrix, the pixels of
 each class in each image; the class statistics (``ClassStats.from_counts``), the repeat
 factors of repeat-factor sampling and the rare-class crop frequencies all derive from it.
 
@@ -12,7 +12,9 @@ Decoding is the slow part, so ``num_workers > 0`` runs the routine in DataLoader
 only a (C,) vector per pair crosses process boundaries.
 
 The matrix is cached under ``<root>/.segtrain/``, keyed by a fingerprint of the mask and image
-files (relative path, size, mtime_ns) and of every argument that changes the counts. A pass
+files (relative path, size, mtime_ns and ctime_ns: a file rewritten with its old size and mtime
+restored, as ``cp -p`` or a repair tool leaves it, has a new ctime) and of every argument that
+changes the counts. A pass
 that met a problem caches nothing, so a cache hit also means that every pair was fine.
 
 A *mask source* is a FolderDataset, or any object with ``root``, ``mask_paths`` and
@@ -34,13 +36,13 @@ import numpy as np
 import torch
 
 from segtrain.atomic import atomic_write
-from segtrain.data.folder import image_size, size_mismatch_error
+from segtrain.data.folder import check_image, size_mismatch_error
 from segtrain.data.masks import bad_label_message, count_labels
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the counting rules or the file layout change, so old caches are not reused.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 @dataclass
@@ -65,8 +67,8 @@ def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | Non
     image_hw = None
     if image_paths is not None:
         try:
-            image_hw = image_size(image_paths[index])
-        except OSError as err:
+            image_hw = check_image(image_paths[index])
+        except (OSError, ValueError) as err:
             problems.append(err)
     try:
         mask = _read_labels(source, index)
@@ -153,7 +155,7 @@ def _file_entries(paths: Iterable[Path], root: Path, what: str) -> list[list]:
             name = path.relative_to(root).as_posix()
         except ValueError:  # files outside the root: the absolute path still identifies them
             name = path.resolve().as_posix()
-        entries.append([name, st.st_size, st.st_mtime_ns])
+        entries.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return entries
 
 
