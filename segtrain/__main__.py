@@ -9,6 +9,7 @@ warnings to the console.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import datetime
@@ -23,6 +24,8 @@ from segtrain import distributed
 from segtrain.config import CONFIG_DIR
 from segtrain.signals import STOPPED_EXIT_CODE, RunStopped
 from segtrain.train import train
+
+log = logging.getLogger("segtrain.train")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -39,6 +42,9 @@ def run(cfg: DictConfig) -> float:
     except RunStopped as stopped:  # a signal: last.pt is written, the stop logged; resume with trainer.resume=auto
         stopped.hand_over()  # in a submitit job, SIGUSR2: submitit requeues the job and exits
         sys.exit(STOPPED_EXIT_CODE)
+    except Exception as err:  # into train.log too, not only to the console Hydra prints it on
+        log.error("the run stopped on an error: %s: %s", type(err).__name__, err)
+        raise
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ or ``torch.export.load`` -- against the PyTorch model at the export size (batch 
 ``max_mismatch`` of the pixels of another class) is it renamed to the output name, replacing an
 older file in one step. Exit status 0 when written and verified (or ``verify=false``/``--no-verify``),
 1 when the check failed (the file is kept under its unverified name, the older output untouched),
-2 when nothing could be exported; errors are printed without a traceback.
+2 when nothing could be exported; errors are printed without a traceback; 75 when SIGTERM or Ctrl-C
+stopped it (half-written and unverified files removed, the older output untouched).
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from segtrain.atomic import atomic_write
-from segtrain.build import class_names_of, model_from_checkpoint
+from segtrain.atomic import atomic_write, atomic_write_serialized
+from segtrain.build import model_from_checkpoint
+from segtrain.checks import class_names_of
 from segtrain.calibration import CalibratedModel
-from segtrain.checkpoint import read_with_overrides
+from segtrain.checkpoint import read_with_overrides, tensor_bytes
 from segtrain.config import compose_config
 from segtrain.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
                              require_onnx, to_onnx, trace)
 from segtrain.errors import check_choice
 from segtrain.metrics import class_argmax
 from segtrain.predict import palette_for, split_overrides
+from segtrain.signals import STOPPED_EXIT_CODE, Interrupted, interrupt_on
 
 log = logging.getLogger("segtrain.export")
 SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}
@@ -164,9 +167,11 @@ def write_files(program: torch.export.ExportedProgram, ecfg: DictConfig, meta: d
     if ecfg.format == "onnx":
         log.info("converting to ONNX: %s", meta["exporter"])
         onnx_program = to_onnx(program, int(ecfg.opset), OUTPUT_NAMES[ecfg.head], meta)
-        atomic_write(staged, lambda tmp: onnx_program.save(str(tmp), external_data=False))
+        atomic_write(staged, lambda tmp: onnx_program.save(str(tmp), external_data=False),
+                     size_hint=tensor_bytes(program.state_dict))
         return {staged: path}
-    atomic_write(staged, lambda tmp: torch.export.save(program, str(tmp)))
+    # Into memory first: torch.export's archive writer, failing on a full disk, aborts the process at exit.
+    atomic_write_serialized(staged, lambda buffer: torch.export.save(program, buffer))
     atomic_write(staged.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return {staged: path, staged.with_suffix(".json"): path.with_suffix(".json")}
 
@@ -202,13 +207,19 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
                     mean=ds.mean, std=ds.std, net=net, channels=channels, exporter=exporter, checkpoint=str(saved.path))
     if isinstance(net.model, CalibratedModel):  # logits / temperature + bias are part of the graph
         meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}
-    staged = unverified_path(path) if ecfg.verify else path
-    staged_files = write_files(program, ecfg, meta, staged, path)
     if not ecfg.verify:
+        write_files(program, ecfg, meta, path, path)
         log.info("wrote %s, not verified (verify=false)", path)
         return True
-    run = onnx_runner(staged) if ecfg.format == "onnx" else program_runner(staged)
-    checks = verify(net, run, channels, [size, verify_size], ecfg)
+    staged = unverified_path(path)
+    try:
+        staged_files = write_files(program, ecfg, meta, staged, path)
+        run = onnx_runner(staged) if ecfg.format == "onnx" else program_runner(staged)
+        checks = verify(net, run, channels, [size, verify_size], ecfg)
+    except Interrupted:  # a signal before the check ended: no unverified file left behind
+        for leftover in (staged, *([staged.with_suffix(".json")] if ecfg.format == "torch_export" else [])):
+            leftover.unlink(missing_ok=True)
+        raise
     for check in checks:
         log.info("verify %s", check.line())
     if not all(check.ok for check in checks):
@@ -234,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         if OmegaConf.is_missing(ecfg, "checkpoint"):
             print(f"{USAGE}\nmissing: checkpoint", file=sys.stderr)
             return 2
-        verified = export_checkpoint(ecfg, model_overrides)
+        with interrupt_on():  # SIGTERM, Ctrl-C: out at once, half-written files removed on the way
+            verified = export_checkpoint(ecfg, model_overrides)
+    except Interrupted as stop:
+        print(f"{stop}: nothing written, an older output left as it was; run the export again", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except (OSError, ValueError, RuntimeError, ImportError, HydraException, OmegaConfBaseException) as err:
         # Each of these names the file, key or value at fault; a traceback would only bury it.
         print(f"error: {err}", file=sys.stderr)

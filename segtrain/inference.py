@@ -67,6 +67,15 @@ class InferenceOptions:
         return self.mode == "whole" and not self.flips and tuple(self.scales) == (1.0,)
 
 
+def check_tile(options: InferenceOptions, model: torch.nn.Module) -> None:
+    """Sliding windows no smaller than the model's stride (``pad_multiple``): a 1-pixel tile would run the network
+    once per pixel (a 64x64 image never finishes), and the model pads any smaller window up to its stride anyway."""
+    stride = int(getattr(model, "pad_multiple", 1))
+    if options.mode == "slide" and min(options.tile) < stride:
+        raise ValueError(f"inference.tile={list(options.tile)}: a window is smaller than the model's stride ({stride}); "
+                         f"expected at least {stride} pixels a side, typically the training crop or 512")
+
+
 def window_starts(size: int, tile: int, overlap: float) -> list[int]:
     """First pixel of each window along one axis; the last window ends at ``size``."""
     if tile >= size:

@@ -11,12 +11,14 @@ for this run; the other keys are configs/predict.yaml's. Each image gives ``<nam
 indices), ``<name>_color.png`` and, if asked, an overlay and its probabilities (``segtrain.writers``),
 named after the input with its sub-folders. Exit status 0 when every image was predicted, 1 when
 some were skipped (each named in the log), 2 when the run could not start or stopped on an error
-(``on_error=stop``), which is printed without a traceback.
+(``on_error=stop``), which is printed without a traceback, 75 when SIGTERM or Ctrl-C stopped it after
+the image in progress (the summary says so; ``save.skip_existing=true`` continues where it stopped).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.build import class_names_of, eval_transform_of, inference_options, model_from_checkpoint
+from segtrain.build import eval_transform_of, inference_options, model_from_checkpoint
+from segtrain.checks import class_names_of
 from segtrain.checkpoint import read_with_overrides
 from segtrain.config import compose_config
 from segtrain.data import cityscapes
@@ -40,7 +43,8 @@ from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
 from segtrain.data.palette import parse_palette
 from segtrain.data.voc import voc_palette
 from segtrain.errors import check_choice
-from segtrain.inference import InferenceOptions, labels_of, predict_probs
+from segtrain.signals import STOPPED_EXIT_CODE, StopSignals
+from segtrain.inference import InferenceOptions, check_tile, labels_of, predict_probs
 from segtrain.visualize import class_palette
 from segtrain.writers import PredictionWriter
 
@@ -58,6 +62,7 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device):
+        check_tile(options, model)
         self.model, self.cfg, self.options, self.device = model.eval(), cfg, options, device
         self.class_names = class_names_of(cfg.dataset)
         self.in_channels = int(cfg.model.get("in_channels", 3))
@@ -124,11 +129,14 @@ class Summary:
     existing: int = 0  # outputs already there (save.skip_existing)
     seconds: float = 0.0
     pixels: np.ndarray | None = None  # per predicted label
+    stopped: str | None = None  # the signal that stopped the run between two images
 
     def line(self, output: Path) -> str:
         speed = self.predicted / self.seconds if self.seconds else 0.0
+        stop = (f"; stopped by {self.stopped}: run it again with save.skip_existing=true to predict the rest"
+                if self.stopped else "")
         return (f"{self.predicted} images predicted, {self.skipped} skipped, {self.existing} already done, "
-                f"{speed:.2f} images/s; outputs in {output}")
+                f"{speed:.2f} images/s; outputs in {output}{stop}")
 
 
 def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
@@ -142,28 +150,40 @@ def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
     kinds = [kind for kind in ("color", "overlay", "probabilities") if pcfg.save.get(kind)]
     names = predictor.label_names
     writer = PredictionWriter(output, names, palette_for(predictor.cfg, len(names)), kinds)
+    writer.check_names((item.key, item.path) for item in images)
     writer.write_legend()
     summary = Summary(pixels=np.zeros(len(names), dtype=np.int64))
     start = time.perf_counter()
-    for item in tqdm(images, desc="predict", unit="img", disable=not pcfg.progress, dynamic_ncols=True):
-        if pcfg.save.skip_existing and writer.done(item.key):
-            summary.existing += 1
-            continue
-        try:
-            image = read_image(item.path, predictor.in_channels)
-        except (OSError, ValueError) as err:
-            if on_error == "stop":
-                raise
-            log.warning("skipped %s", err)
-            summary.skipped += 1
-            continue
-        probs = predictor(image)
-        labels = predictor.labels(probs).cpu().numpy()
-        writer.write(item.key, image, labels, probs.cpu().numpy() if "probabilities" in kinds else None)
-        summary.pixels += np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
-        summary.predicted += 1
+    with StopSignals((signal.SIGTERM, signal.SIGINT)) as stop:  # finish the image in progress, then stop
+        for item in tqdm(images, desc="predict", unit="img", disable=not pcfg.progress, dynamic_ncols=True):
+            if stop.received:
+                summary.stopped = stop.received
+                break
+            _predict_one(predictor, writer, item, pcfg, on_error, summary)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _predict_one(predictor: Predictor, writer: PredictionWriter, item, pcfg: DictConfig, on_error: str,
+                 summary: Summary) -> None:
+    """One image through the predictor into its files, counted in ``summary``; an unreadable one skipped (named in the
+    log) or, with ``on_error=stop``, raised."""
+    if pcfg.save.skip_existing and writer.done(item.key):
+        summary.existing += 1
+        return
+    try:
+        image = read_image(item.path, predictor.in_channels)
+    except (OSError, ValueError) as err:
+        if on_error == "stop":
+            raise
+        log.warning("skipped %s", err)
+        summary.skipped += 1
+        return
+    probs = predictor(image)
+    labels = predictor.labels(probs).cpu().numpy()
+    writer.write(item.key, image, labels, probs.cpu().numpy() if "probabilities" in writer.kinds else None)
+    summary.pixels += np.bincount(labels.ravel(), minlength=len(summary.pixels))[: len(summary.pixels)]
+    summary.predicted += 1
 
 
 def _share_table(names: list[str], pixels: np.ndarray) -> str:
@@ -199,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.line(Path(pcfg.output)))
     if summary.predicted:
         print("predicted pixels per class:\n" + _share_table(predictor.label_names, summary.pixels))
-    return 1 if summary.skipped else 0
+    return STOPPED_EXIT_CODE if summary.stopped else 1 if summary.skipped else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -86,3 +88,32 @@ class StopSignals:
         flags = torch.tensor([float(self.received == name) for name in names], device=device)
         counts = distributed.all_reduce_sum(flags).tolist()
         return next((name for name, count in zip(names, counts) if count), None)
+
+
+class Interrupted(BaseException):
+    """A stop signal during work that has no step to finish first (an export): raised by the handler itself, so that
+    every ``finally`` and ``atomic_write`` on the way out removes what was half-written. A ``BaseException``, as
+    ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(f"stopped by {signame}")
+        self.signame = signame
+
+
+@contextmanager
+def interrupt_on(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Within the block, the ``signals`` raise ``Interrupted`` (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, handle) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+

@@ -29,7 +29,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from segtrain import distributed
-from segtrain.build import class_names_of, dataset_split, resolve_num_workers, weights_column_options
+from segtrain.build import dataset_split, resolve_num_workers, weights_column_options
+from segtrain.checks import class_names_of
 from segtrain.config import CONFIG_DIR
 from segtrain.data.class_stats import ClassStats
 from segtrain.data.scan import counts_cache_file, image_class_counts, read_cached_counts
@@ -46,6 +47,7 @@ _NO_RUN_DIR = [
     "hydra.output_subdir=null",
     "hydra/job_logging=none",
     "hydra/hydra_logging=none",
+    "~hydra.callbacks.run_lock",  # nothing is trained: no run directory to lock
 ]
 
 

@@ -6,6 +6,7 @@ the run's, and only rank 0 writes into it (config, logs, TensorBoard, checkpoint
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
+from segtrain.atomic import NoSpaceLeft
 from segtrain.build import (analysis_options, build_data, build_loaders, build_loss_fn, build_model, build_parts,
-                            build_runtime, check_monitor, class_names_of, inference_options, place_model,
-                            resolve_num_workers, seed_everything, weights_column_options)
+                            build_runtime, inference_options, place_model, resolve_num_workers, seed_everything,
+                            weights_column_options)
+from segtrain.checks import check_monitor, class_names_of
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.early_stopping import EarlyStopping, check_early_stopping
 from segtrain.ema import check_decay
@@ -27,6 +30,8 @@ from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.dashboard import TensorBoardLogger
 from segtrain.engine import FitOptions, fit
 from segtrain.hard_cases import write_report
+from segtrain.inference import check_tile
+from segtrain.run_lock import run_lock
 from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 from segtrain.weights import compute_class_weights, weights_table
 
@@ -83,10 +88,20 @@ def check_checkpoint_policy(tr: DictConfig) -> None:
     check_count("trainer.keep_last", tr.keep_last, "a number of checkpoints")
 
 
+def check_sizes(tr: DictConfig, ds: DictConfig) -> None:
+    """Batch sizes and step counts are whole numbers >= 1 (num_samples >= 0): composition checks only their type."""
+    for key, expected in (("batch_size", "a number of images"), ("grad_accum", "a number of micro-batches"),
+                          ("log_every", "a number of optimizer steps"), ("eval_every", "a number of epochs")):
+        check_count(f"trainer.{key}", tr[key], expected)
+    check_count("trainer.num_samples", tr.num_samples, "a number of images", minimum=0)
+    check_count("dataset.batch_size_val", ds.batch_size_val, "a number of images")
+
+
 def check_config(cfg: DictConfig) -> DictConfig:
     """What composition (segtrain/schema.py) cannot check, before anything is written: trainer.epochs or
     trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options, the
     analysis options (``build.analysis_options``, returned)."""
+    check_sizes(cfg.trainer, cfg.dataset)
     check_checkpoint_policy(cfg.trainer)
     check_nonfinite_policy(cfg.trainer)
     check_early_stopping(cfg.trainer.early_stopping)
@@ -107,6 +122,16 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    with run_lock(run_dir, enabled=distributed.is_main_process()):  # RunDirLocked: another training writes there
+        try:
+            return _train(cfg, run_dir, overrides, analysis)
+        except OSError as err:  # a full disk met by a writer of TensorBoard's or the loaders' own: named as ours are
+            if isinstance(err, NoSpaceLeft) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise NoSpaceLeft(Path(err.filename).parent if err.filename else run_dir, None) from err
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, analysis: DictConfig) -> float:
     main_process = distributed.is_main_process()
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +153,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     loss_fn = build_loss_fn(cfg, class_weights, rt.device)
     length = run_length(tr.epochs, tr.steps, tr.max_steps, steps_per_epoch)
     parts = build_parts(cfg, model, rt, total_steps=length.total_steps)
+    stop = StopSignals()  # installed once training starts
+    opts = _fit_options(cfg, analysis, class_names, steps_per_epoch, length, rt, stop)
+    check_tile(opts.inference, model)  # known once the model is: before step 1
 
     state = TrainState()
     candidates = resolve_resume(tr.resume, run_dir)
@@ -143,7 +171,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     if tr.compile:
         parts.net = torch.compile(parts.net)
 
-    stop = StopSignals().install()  # SIGTERM, SIGUSR2, Ctrl-C: last.pt at the next step, then RunStopped
+    stop.install()  # SIGTERM, SIGUSR2, Ctrl-C: last.pt at the next step, then RunStopped
     _log_start(run_dir, rt, data, steps_per_epoch, length, tr)
     logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std) \
         if main_process else None
@@ -152,7 +180,6 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     meta = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": list(overrides or []),
             "class_names": class_names, "class_weights": class_weights.cpu()}
     out = RunOutput(run_dir / "checkpoints" if main_process else None, logger, meta, tr.keep_last, last_step)
-    opts = _fit_options(cfg, analysis, class_names, steps_per_epoch, length, rt, stop)
     start = time.perf_counter()
     try:
         final = fit(parts, train_loader, val_loader, loss_fn, rt, state, opts, out)

@@ -10,7 +10,7 @@ so an interrupted run never leaves a half-written mask behind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +57,30 @@ class PredictionWriter:
     def paths(self, key: str) -> dict[str, Path]:
         return {kind: self.root / f"{key}{SUFFIXES[kind]}" for kind in self.kinds}
 
+    @property
+    def legend_path(self) -> Path:
+        return self.root / "legend.png"
+
+    def check_names(self, inputs: Iterable[tuple[str, Path]]) -> None:
+        """Every file of every ``(key, source)`` and the legend a name of its own, checked before anything is written:
+        ``x.png``'s colour mask and ``x_color.png``'s mask are both ``x_color.png``, an input ``legend.png``'s mask
+        would be the legend."""
+        owners: dict[Path, str] = {self.legend_path: "the legend"}
+        for key, source in inputs:
+            for kind, path in self.paths(key).items():
+                owner = f"the {kind} of {source}"
+                if path in owners:
+                    raise ValueError(f"{owners[path]} and {owner} would both be {path}: rename one of the inputs, or "
+                                     "predict them into separate output folders")
+                owners[path] = owner
+
     def done(self, key: str) -> bool:
         """Whether every output of ``key`` exists (for resuming an interrupted folder run)."""
         return all(path.is_file() for path in self.paths(key).values())
 
     def write_legend(self) -> Path:
         strip = legend(360, self.class_names, self.palette, with_ignore=False)
-        return atomic_write(self.root / "legend.png", lambda tmp: strip.save(tmp, format="PNG"))
+        return atomic_write(self.legend_path, lambda tmp: strip.save(tmp, format="PNG"))
 
     def write(self, key: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
         """``labels`` (H, W) int; ``probs`` (K, H, W) when the probabilities are kept. The mask is

@@ -171,7 +171,7 @@ def test_readme_onnx_snippet_segments_an_image(trained, mask_model, tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_check_keeps_the_older_file_and_the_program_loads_without_segtrain(trained, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, caplog):
     """format=torch_export with a planted difference in the loaded program: exit 1, the file and its JSON
     kept under the unverified name, the output written earlier untouched; the program needs no segtrain."""
     import segtrain.export as export
@@ -184,6 +184,7 @@ def test_a_failed_check_keeps_the_older_file_and_the_program_loads_without_segtr
     assert main([f"checkpoint={trained / 'run/checkpoints/last.pt'}", "format=torch_export", f"output={out}",
                  "size=[40,72]", "verify_size=[45,70]", "head=probabilities"]) == 1
     assert out.read_bytes() == b"an earlier export" and out.with_suffix(".json").read_text() == "{}"
+    assert "Expect archive file to be a file ending in .pt2" not in caplog.text  # written from memory, not a temp name
     staged = unverified_path(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt2", "model.unverified.json",
                                                           "model.unverified.pt2"]

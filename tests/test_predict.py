@@ -174,9 +174,45 @@ def test_inputs_from_a_glob_and_a_list_file(tmp_path):
     (tmp_path / "list.txt").write_text("x/nope.png\n")
     with pytest.raises(FileNotFoundError, match=r"list.txt:1: 'x/nope.png': no such image file"):
         find_inputs(tmp_path / "list.txt")
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "x/1.jpg")
-    with pytest.raises(ValueError, match=r"1.jpg and .*1.png would write the same outputs \(1.png\)"):
-        find_inputs(tmp_path / "x")
+
+
+def _images(folder: Path, names) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((36, 40, 3), 90, np.uint8)).save(folder / name)
+
+
+@pytest.mark.parametrize("names, clash", [(["x.png", "x_color.png"], "x_color.png"), (["legend.png"], "legend.png"),
+                                          (["1.png", "1.jpg"], "1.png"), (["a/b.png", "a/b_color.png"], "a/b_color.png")])
+def test_inputs_whose_outputs_would_collide_are_refused_before_anything_is_written(trained, tmp_path, capsys, names,
+                                                                                  clash):
+    _images(tmp_path / "in", names)
+    out = tmp_path / "out"
+    assert main([f"checkpoint={_checkpoint(trained)}", f"input={tmp_path / 'in'}", f"output={out}",
+                 "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"would both be {out / clash}" in err and "rename one of the inputs" in err, err
+    assert not out.exists()  # not even the legend
+
+
+def test_colliding_names_predict_when_the_clashing_kind_is_not_saved(trained, tmp_path):
+    _images(tmp_path / "in", ["x.png", "x_color.png"])
+    out = tmp_path / "out"
+    assert main([f"checkpoint={_checkpoint(trained)}", f"input={tmp_path / 'in'}", f"output={out}",
+                 "save.color=false", "progress=false"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["legend.png", "x.png", "x_color.png"]
+
+
+def test_a_linked_folder_is_searched_and_a_link_loop_ends(tmp_path):
+    _images(tmp_path / "data", ["a.png", "sub/c.png"])
+    _images(tmp_path / "outside", ["b.png"])
+    (tmp_path / "data/linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "data/sub/loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    images, base = find_inputs(tmp_path / "data")
+    assert base == tmp_path / "data"
+    assert [(i.key, i.path) for i in images] == [("a", tmp_path / "data/a.png"),
+                                                 ("linked/b", tmp_path / "data/linked/b.png"),
+                                                 ("sub/c", tmp_path / "data/sub/c.png")]
 
 
 def test_evaluate_scores_with_the_same_sliding_windows(trained):

@@ -1,7 +1,7 @@
 """The images a prediction run reads, and the names its outputs take.
 
 An input is one image file, a folder (searched recursively for the image extensions the
-datasets read), a glob pattern (``data/new/**/*.png``), or a list file (``.txt``, one path per
+datasets read, through links to folders too), a glob pattern (``data/new/**/*.png``), or a list file (``.txt``, one path per
 line, relative to the list file's folder; ``#`` starts a comment). Every image gets a key, its
 path relative to the input's base folder without the suffix (``city/frame_01``), and its
 outputs are ``<output>/<key>.png``, ``<output>/<key>_color.png``, ...: sub-folders are kept
@@ -28,6 +28,21 @@ class InputImage:
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The images under ``folder``, through symbolic links to folders too (``Path.rglob`` does not follow them),
+    each real folder once: a link back to a folder above is not followed round again."""
+    found, seen = [], set()
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(current)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # a loop, or a folder already searched under another name
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        found += [path for path in (Path(current, name) for name in files) if _is_image(path)]
+    return found
 
 
 def _from_list(list_file: Path) -> tuple[list[Path], Path]:
@@ -62,8 +77,12 @@ def find_inputs(spec: str | Path) -> tuple[list[InputImage], Path]:
         source = f"no image ({', '.join(IMAGE_EXTENSIONS)}) matches the pattern"
     elif path.is_dir():
         base = path
-        paths = sorted(p for p in path.rglob("*") if _is_image(p))
-        source = f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders"
+        images = sorted((InputImage(p, p.relative_to(path).with_suffix("").as_posix()) for p in _walk(path)),
+                        key=lambda image: image.key)
+        if not images:
+            raise FileNotFoundError(f"input={text!r}: no image ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its "
+                                    "sub-folders")
+        return images, base
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         paths, base = _from_list(path)
         source = "the list file names no image"
@@ -76,9 +95,7 @@ def find_inputs(spec: str | Path) -> tuple[list[InputImage], Path]:
         raise FileNotFoundError(f"input={text!r}: no such file, folder or matching pattern")
     if not paths:
         raise FileNotFoundError(f"input={text!r}: {source}")
-    images = [InputImage(p, _key(p, base)) for p in paths]
-    _check_unique(images)
-    return images, base
+    return [InputImage(p, _key(p, base)) for p in paths], base
 
 
 def _key(path: Path, base: Path) -> str:
@@ -87,15 +104,6 @@ def _key(path: Path, base: Path) -> str:
     except ValueError:  # a list entry outside the common folder cannot happen; keep the name anyway
         relative = Path(path.name)
     return relative.with_suffix("").as_posix()
-
-
-def _check_unique(images: list[InputImage]) -> None:
-    seen: dict[str, Path] = {}
-    for image in images:
-        if image.key in seen:
-            raise ValueError(f"{seen[image.key]} and {image.path} would write the same outputs "
-                             f"({image.key}.png); rename one of them or predict them apart")
-        seen[image.key] = image.path
 
 
 def check_output_dir(output: Path, base: Path, spec: str | Path) -> None:
