@@ -1,6 +1,6 @@
 """What the per-image report and the calibration histograms add to an evaluation.
 
-One evaluation (``segtrain.engine.evaluate``) of the configured model (random weights, eval mode) over the
+One evaluation (``segtrain.training.engine.evaluate``) of the configured model (random weights, eval mode) over the
 configured validation split, as ``python -m segtrain.evaluate`` runs it (its loader, its loss), four ways:
 plain (the reference), with the per-image confusion matrices, with the reliability histograms (15 bins),
 and with both, as training's evaluations run. The variants alternate round by round (so that a slow phase
@@ -24,11 +24,11 @@ import time
 import torch
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
+from segtrain.analysis.calibration import ReliabilityHistogram
+from segtrain.analysis.per_image import PerImageConfusion
 from segtrain.build import build_loss_fn, build_model, build_runtime, eval_loader, eval_split, place_model
-from segtrain.calibration import ReliabilityHistogram
 from segtrain.config import compose_config
-from segtrain.engine import evaluate
-from segtrain.per_image import PerImageConfusion
+from segtrain.training.engine import evaluate
 
 VARIANTS = {"plain": (False, None), "per-image": (True, None), "calibration": (False, 15), "both": (True, 15)}
 

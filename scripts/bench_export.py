@@ -1,8 +1,8 @@
 """Latency of the exported files against PyTorch eager, per model, in one run.
 
 Each model (random weights, BatchNorm statistics from two random batches, eval mode) is traced
-once with ``segtrain.deploy.trace`` (dynamic batch, height and width, logits head, float input),
-saved as ONNX (``segtrain.deploy.to_onnx``, the graph ``python -m segtrain.export`` writes) and as
+once with ``segtrain.inference.deploy.trace`` (dynamic batch, height and width, logits head, float input),
+saved as ONNX (``segtrain.inference.deploy.to_onnx``, the graph ``python -m segtrain.export`` writes) and as
 an ExportedProgram (.pt2), and the three are timed on the same (1, 3, size, size) input: PyTorch
 eager under ``torch.inference_mode``, ONNX Runtime's CPU provider (all graph optimisations, as
 ``onnxruntime.InferenceSession`` applies by default) and ``torch.export.load(...).module()``.
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import segtrain  # noqa: F401
-from segtrain.deploy import DeployModel, to_onnx, trace
+from segtrain.inference.deploy import DeployModel, to_onnx, trace
 from segtrain.models import DeepLabV3Plus, UNet
 
 # configs/model/*.yaml's defaults (3 classes: the synthetic dataset's).

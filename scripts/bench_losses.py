@@ -41,10 +41,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
 
 import segtrain  # noqa: F401
-from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
 from segtrain.config import load_option
+from segtrain.data.class_weights import compute_class_stats, compute_class_weights
 from segtrain.losses import (
     CrossEntropyLoss,
     DiceLoss,
@@ -55,7 +56,6 @@ from segtrain.losses import (
     TverskyLoss,
     build_loss,
 )
-from segtrain.weights import compute_class_stats, compute_class_weights
 
 IGNORE = 255
 REFERENCE = "F.cross_entropy (reference)"

@@ -40,12 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402, I001
 from torch import nn  # noqa: E402
 
 import segtrain  # noqa: F401, E402  (makes torchvision importable; must precede it)
 from segtrain.models import ENCODERS, DeepLabV3Plus, UNet  # noqa: E402
-
-import torchvision  # noqa: E402, I001
 
 DEFAULT_MODELS = (
     "unet-resnet18", "unet-resnet34", "unet-resnet50", "unet-mobilenet_v3_large",

@@ -22,9 +22,9 @@ import sys
 import time
 
 import torch
+from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
 
 import segtrain  # noqa: F401
-from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
 from segtrain.inference import InferenceOptions, predict_probs, window_starts
 from segtrain.models import UNet
 

@@ -27,12 +27,12 @@ import torch
 
 import segtrain  # noqa: F401
 from segtrain.build import build_data, build_loaders, build_model, place_model
-from segtrain.config import compose_config
 from segtrain.checkpoint import RunOutput, TrainState
-from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
+from segtrain.config import compose_config
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
-from segtrain.signals import StopSignals
+from segtrain.training.engine import FitOptions, Runtime, TrainParts, train_one_epoch
+from segtrain.training.signals import StopSignals
 
 
 def _variants(cuda: bool) -> list[dict]:

@@ -17,9 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from omegaconf import OmegaConf
 
+import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from segtrain.calibrate import calibrate
 from segtrain.evaluate import evaluate_checkpoint
 

@@ -21,8 +21,8 @@ import torch
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from segtrain.build import dataset_split, resolve_num_workers
-from segtrain.checks import class_names_of
 from segtrain.config import compose_config
+from segtrain.config.checks import class_names_of
 from segtrain.data.check import SplitReport, check_split, format_report
 
 

@@ -1,6 +1,6 @@
 """Where trainer.early_stopping would have stopped finished runs, from the evaluations they logged.
 
-The rule is segtrain.early_stopping.EarlyStopping itself, applied to each run's TensorBoard values of
+The rule is segtrain.training.early_stopping.EarlyStopping itself, applied to each run's TensorBoard values of
 the monitored metric; up to the stop an early-stopping run takes exactly the steps of the run without it
 (same seed, same schedule), so the replay gives the evaluation it would stop at, the value it would end
 with, and the share of the training it would save (of the run's measured wall time).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segtrain.early_stopping import EarlyStopping
+from segtrain.training.early_stopping import EarlyStopping
 
 
 @dataclass

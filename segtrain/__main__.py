@@ -22,8 +22,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from segtrain import distributed
 from segtrain.config import CONFIG_DIR
-from segtrain.signals import STOPPED_EXIT_CODE, RunStopped
 from segtrain.train import train
+from segtrain.training.signals import STOPPED_EXIT_CODE, RunStopped
 
 log = logging.getLogger("segtrain.train")
 

@@ -17,23 +17,36 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain import distributed, registry
-from segtrain.calibration import CalibratedModel, LogitCalibration
-from segtrain.checks import check_class_count
+from segtrain import distributed
+from segtrain.analysis.calibration import CalibratedModel, LogitCalibration
 from segtrain.checkpoint import SavedModel
 from segtrain.config import CONFIG_DIR, load_option
-from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, ensure_synthetic, eval_transform, make_dataset,
-                           pad_collate, train_transform)
+from segtrain.config.checks import check_class_count, inference_options
+from segtrain.data import (
+    EpochSampler,
+    FolderDataset,
+    ShardSampler,
+    cityscapes,
+    ensure_synthetic,
+    eval_transform,
+    make_dataset,
+    pad_collate,
+    train_transform,
+)
 from segtrain.data.class_stats import ClassStats
+from segtrain.data.class_weights import STRATEGIES
+from segtrain.data.palette import parse_palette
 from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
-from segtrain.ema import WeightEma
-from segtrain.parts import Runtime, TrainParts, resolve_amp
-from segtrain.errors import check_count, choice_message
+from segtrain.data.voc import voc_palette
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
-from segtrain.optim import param_groups
-from segtrain.weights import STRATEGIES
+from segtrain.models import registry
+from segtrain.runtime import Runtime, resolve_amp
+from segtrain.training.ema import WeightEma
+from segtrain.training.optim import param_groups
+from segtrain.training.parts import TrainParts
+from segtrain.visualize import class_palette
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +60,6 @@ def build_runtime(tr: DictConfig) -> Runtime:
     return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
 
 
-def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None | str = "config"
-                      ) -> InferenceOptions:
-    """``cfg.inference`` (defaults where a checkpoint's older config lacks a key) for ``device``;
-    ``amp_dtype`` other than ``"config"`` replaces ``inference.amp`` (a run's own precision)."""
-    inf = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "inference" / "default.yaml"), cfg.get("inference") or {})
-    ds = cfg.dataset
-    tile = inf.tile if inf.tile is not None else (ds.get("augment") or {}).get("crop_size") or 512
-    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    allowed = ds.get("tta_flips")
-    if allowed is None:  # configs from before dataset.tta_flips: the flips training augmented with
-        allowed = [f for f, key in (("h", "hflip"), ("v", "vflip")) if (ds.get("augment") or {}).get(key)]
-    for flip in inf.tta.flips:
-        if flip not in allowed:
-            raise ValueError(choice_message("inference.tta.flips", list(inf.tta.flips), allowed,
-                                            f"has {flip!r}, which dataset.tta_flips does not allow"))
-    if amp_dtype == "config":
-        amp = (cfg.trainer.amp if device.type == "cuda" else "none") if inf.amp == "checkpoint" else inf.amp
-        amp_dtype = resolve_amp(amp, device)
-    return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
-                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype,
-                            float(inf.threshold))
-
-
 def inference_runtime(cfg: DictConfig) -> tuple[Runtime, InferenceOptions]:
     """What evaluate and calibrate run a checkpoint on, the same as ``segtrain.predict``: ``trainer.device``, and the
     precision ``inference.amp`` gives (``checkpoint``: the run's trainer.amp on CUDA, full precision on a CPU, even
@@ -77,19 +67,6 @@ def inference_runtime(cfg: DictConfig) -> tuple[Runtime, InferenceOptions]:
     device = distributed.device_for(cfg.trainer.device)
     options = inference_options(cfg, device)
     return Runtime(device, options.amp_dtype, bool(cfg.trainer.get("channels_last", False))), options
-
-
-def analysis_options(cfg: DictConfig) -> DictConfig:
-    """``report``, ``calibration`` and ``decision`` of ``cfg`` over configs/analysis/default.yaml (a checkpoint's
-    older config lacks them), checked: whole numbers where counts are expected."""
-    defaults = OmegaConf.load(CONFIG_DIR / "analysis" / "default.yaml")
-    options = OmegaConf.merge(defaults, {key: cfg.get(key) or {} for key in defaults})
-    for key in ("worst_k", "tensorboard_k"):
-        check_count(f"report.{key}", options.report[key], "a number of images per class", minimum=0)
-    if options.calibration.bins is not None:
-        check_count("calibration.bins", options.calibration.bins, "null or a number of bins")
-    check_count("calibration.max_pixels", options.calibration.max_pixels, "a number of pixels")
-    return options
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -126,6 +103,22 @@ def weights_column_options() -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- data
+
+
+def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
+    """The dataset's colours (its dataset.palette, VOC's or Cityscapes'), else a distinct-colour palette."""
+    ds = cfg.dataset
+    colours = [tuple(c) for c in class_palette(num_labels).tolist()]
+    if ds.get("palette") is not None:
+        by_class = {cls: colour for colour, cls in parse_palette(ds.palette, ds.num_classes, ds.ignore_index).items()}
+        colours = [by_class.get(c, colours[c]) for c in range(num_labels)]
+    elif ds.get("layout") == "voc":
+        colours = voc_palette(num_labels)
+    elif ds.get("layout") == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
+        colours = list(cityscapes.PALETTE[:num_labels])
+    return np.array(colours, dtype=np.uint8)
+
+
 
 
 def _dataset_options(ds: DictConfig) -> dict:
@@ -253,7 +246,7 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
 
 def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     """The model ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``): a registered class
-    by its name (``segtrain.registry``), else through Hydra."""
+    by its name (``segtrain.models.registry``), else through Hydra."""
     return registry.build_model(OmegaConf.to_container(model_cfg, resolve=True))
 
 

@@ -11,7 +11,7 @@ export then apply ``logits / T + bias`` (``inference.calibrated=false``: not).
 Two passes over the split with the model's own whole-image logits: the first measures NLL, ECE and the
 confusion matrix as they are and samples ``calibration.max_pixels`` labelled pixels (an equal share of each
 image, ``calibration.seed``), on which the temperature (LBFGS on the NLL) and the bias (coordinate search,
-``segtrain.decision``) are fitted; the second measures them again with the calibration applied. A bias that
+``segtrain.analysis.decision``) are fitted; the second measures them again with the calibration applied. A bias that
 scores lower than none on the whole split (possible only when the sample is smaller than the split) is
 dropped. The numbers printed are those of the split fitted on, optimistic by construction: the checkpoint
 records that split, and ``segtrain.evaluate`` refuses to score it there unless given ``--same-split-ok``.
@@ -26,12 +26,26 @@ from pathlib import Path
 
 import torch
 
-from segtrain.build import (analysis_options, eval_loader, eval_split, inference_runtime, model_from_checkpoint,
-                            place_model, resolve_num_workers)
-from segtrain.checks import class_names_of
-from segtrain.calibration import LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature, nll, two_class
+from segtrain.analysis.calibration import (
+    LogitCalibration,
+    PixelSample,
+    ReliabilityHistogram,
+    fit_temperature,
+    fitted_on,
+    nll,
+    two_class,
+)
+from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
+from segtrain.build import (
+    eval_loader,
+    eval_split,
+    inference_runtime,
+    model_from_checkpoint,
+    place_model,
+    resolve_num_workers,
+)
 from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
-from segtrain.decision import parse_objective, per_class_table, tune_bias
+from segtrain.config.checks import analysis_options, class_names_of
 from segtrain.inference import scored_logits
 from segtrain.metrics import ConfusionMatrix, class_argmax
 
@@ -48,12 +62,6 @@ def output_path(checkpoint: Path, output: str | None) -> Path:
         raise ValueError(f"output={path}: that is the checkpoint being calibrated, which is never overwritten; "
                          "give another output=<file>")
     return path
-
-
-def fitted_on(split) -> dict[str, str]:
-    """Where a calibration was fitted, as the checkpoint records it and ``evaluate`` compares it."""
-    root = str(Path(split.root).resolve())
-    return {"root": root, "split": split.split, "name": f"{split.root}/{split.split}"}
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.atomic import atomic_write
-from segtrain import registry
 from segtrain.config import apply_overrides, override_keys
+from segtrain.config.trust import check_file_config
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class SavedModel:
 
 
 def _stored_config(path: Path, text: Any, overrides: list[str], replaced: tuple[str, ...]) -> DictConfig:
-    """The checkpoint's config, refused (``registry.UntrustedConfig``) when it or its stored command line names code."""
+    """The checkpoint's config, refused (``config.trust.UntrustedConfig``) when it or its stored command line names code."""
     try:
         config = OmegaConf.create(text)
         tree = OmegaConf.to_container(config, resolve=True)
@@ -252,13 +252,13 @@ def _stored_config(path: Path, text: Any, overrides: list[str], replaced: tuple[
         raise ValueError(f"{path}: its stored config does not read as a config ({type(err).__name__}: {err})") from err
     if not isinstance(tree, dict) or not all(isinstance(line, str) for line in overrides):
         raise ValueError(f"{path}: its stored config is not a mapping with a list of override strings")
-    registry.check_file_config(tree, overrides, path, replaced)
+    check_file_config(tree, overrides, path, replaced)
     return config
 
 
 def read_for_inference(path: str | Path, replaced: tuple[str, ...] = ()) -> SavedModel:
     """The model, its config and its class metadata from a checkpoint (no optimizer state kept). The stored config
-    is checked (``registry.check_file_config``) except under ``replaced``, the keys the caller's overrides give."""
+    is checked (``config.trust.check_file_config``) except under ``replaced``, the keys the caller's overrides give."""
     ckpt = load_checkpoint(path)
     missing = _missing(ckpt, INFERENCE_KEYS)
     if missing:

@@ -8,7 +8,7 @@ scores it the way ``python -m segtrain.predict`` predicts (sliding windows, test
 scales: see configs/inference/default.yaml).
 
 Besides the table: top-label and per-class ECE (``calibration.bins``), and the per-image report
-(``segtrain.per_image``: per_image.csv, report.md with the ``report.worst_k`` worst images per class and
+(``segtrain.analysis.per_image``: per_image.csv, report.md with the ``report.worst_k`` worst images per class and
 their galleries) in ``report.dir``, by default ``<run dir>/eval/<split>/``. A checkpoint calibrated by
 ``segtrain.calibrate`` is scored with its temperature and bias, and not on the split they were fitted on
 (unless ``--same-split-ok``).
@@ -23,15 +23,22 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from segtrain.build import (analysis_options, build_loss_fn, eval_loader, eval_split, inference_runtime,
-                            model_from_checkpoint, place_model, resolve_num_workers)
-from segtrain.calibrate import fitted_on
+from segtrain.analysis.calibration import fitted_on
+from segtrain.analysis.hard_cases import write_report
+from segtrain.build import (
+    build_loss_fn,
+    eval_loader,
+    eval_split,
+    inference_runtime,
+    model_from_checkpoint,
+    place_model,
+    resolve_num_workers,
+)
 from segtrain.checkpoint import SavedModel, read_with_overrides
-from segtrain.checks import class_names_of
-from segtrain.engine import evaluate
-from segtrain.hard_cases import write_report
+from segtrain.config.checks import analysis_options, class_names_of
 from segtrain.inference import check_tile
 from segtrain.metrics import flatten_metrics, format_table
+from segtrain.training.engine import evaluate
 
 log = logging.getLogger("segtrain.evaluate")
 

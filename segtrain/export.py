@@ -4,7 +4,7 @@
     python -m segtrain.export checkpoint=... format=onnx head=argmax input=uint8   # mask out, raw RGB in
     python -m segtrain.export checkpoint=... format=torch_export output=model.pt2
 
-One ``torch.export`` trace with dynamic batch, height and width (``segtrain.deploy``) gives either
+One ``torch.export`` trace with dynamic batch, height and width (``segtrain.inference.deploy``) gives either
 file: an ONNX model through torch's dynamo exporter (needs the ``export`` extra: onnx, onnxscript,
 onnxruntime), or the ExportedProgram itself (``torch.export.save``; ``torch.export.load`` reads it
 without segtrain). Class names, palette, mean/std, the input and output layout and the segtrain
@@ -36,18 +36,27 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from segtrain.analysis.calibration import CalibratedModel
 from segtrain.atomic import atomic_write, atomic_write_serialized
-from segtrain.build import model_from_checkpoint
-from segtrain.checks import class_names_of
-from segtrain.calibration import CalibratedModel
+from segtrain.build import model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides, tensor_bytes
-from segtrain.config import compose_config
-from segtrain.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
-                             require_onnx, to_onnx, trace)
+from segtrain.config import compose_config, split_overrides
+from segtrain.config.checks import class_names_of
 from segtrain.errors import check_choice
+from segtrain.inference.deploy import (
+    HEADS,
+    INPUTS,
+    OUTPUT_NAMES,
+    DeployModel,
+    metadata,
+    min_size,
+    normalisation_lut,
+    require_onnx,
+    to_onnx,
+    trace,
+)
 from segtrain.metrics import class_argmax
-from segtrain.predict import palette_for, split_overrides
-from segtrain.signals import STOPPED_EXIT_CODE, Interrupted, interrupt_on
+from segtrain.training.signals import STOPPED_EXIT_CODE, Interrupted, interrupt_on
 
 log = logging.getLogger("segtrain.export")
 SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2"}

@@ -8,7 +8,7 @@
 The model, its class names, normalisation and inference settings come from the checkpoint; no
 dataset is needed. ``inference.*`` and ``dataset.*`` overrides change the checkpoint's settings
 for this run; the other keys are configs/predict.yaml's. Each image gives ``<name>.png`` (class
-indices), ``<name>_color.png`` and, if asked, an overlay and its probabilities (``segtrain.writers``),
+indices), ``<name>_color.png`` and, if asked, an overlay and its probabilities (``segtrain.inference.writers``),
 named after the input with its sub-folders. Exit status 0 when every image was predicted, 1 when
 some were skipped (each named in the log), 2 when the run could not start or stopped on an error
 (``on_error=stop``), which is printed without a traceback, 75 when SIGTERM or Ctrl-C stopped it after
@@ -26,31 +26,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.build import eval_transform_of, inference_options, model_from_checkpoint
-from segtrain.checks import class_names_of
+from segtrain.build import eval_transform_of, model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides
-from segtrain.config import compose_config
-from segtrain.data import cityscapes
+from segtrain.config import compose_config, split_overrides
+from segtrain.config.checks import class_names_of, inference_options
 from segtrain.data.folder import read_image
 from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
-from segtrain.data.palette import parse_palette
-from segtrain.data.voc import voc_palette
 from segtrain.errors import check_choice
-from segtrain.signals import STOPPED_EXIT_CODE, StopSignals
 from segtrain.inference import InferenceOptions, check_tile, labels_of, predict_probs
-from segtrain.visualize import class_palette
-from segtrain.writers import PredictionWriter
+from segtrain.inference.writers import PredictionWriter
+from segtrain.training.signals import STOPPED_EXIT_CODE, StopSignals
 
 log = logging.getLogger("segtrain.predict")
-# Keys that change the checkpoint's own config; every other key is configs/predict.yaml's.
-MODEL_KEYS = ("inference", "dataset")
 
 
 class Predictor:
@@ -98,28 +91,6 @@ class Predictor:
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
         return labels_of(probs, self.options.threshold)
-
-
-def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
-    """The dataset's colours (its dataset.palette, VOC's or Cityscapes'), else a distinct-colour palette."""
-    ds = cfg.dataset
-    colours = [tuple(c) for c in class_palette(num_labels).tolist()]
-    if ds.get("palette") is not None:
-        by_class = {cls: colour for colour, cls in parse_palette(ds.palette, ds.num_classes, ds.ignore_index).items()}
-        colours = [by_class.get(c, colours[c]) for c in range(num_labels)]
-    elif ds.get("layout") == "voc":
-        colours = voc_palette(num_labels)
-    elif ds.get("layout") == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
-        colours = list(cityscapes.PALETTE[:num_labels])
-    return np.array(colours, dtype=np.uint8)
-
-
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(the checkpoint config's overrides, configs/predict.yaml's)."""
-    model, run = [], []
-    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        (model if parsed.key_or_group.split(".")[0].lstrip("+~") in MODEL_KEYS else run).append(line)
-    return model, run
 
 
 @dataclass

@@ -30,12 +30,11 @@ from omegaconf.errors import MissingMandatoryValue
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from segtrain import distributed
 from segtrain.build import dataset_split, resolve_num_workers, weights_column_options
-from segtrain.checks import class_names_of
 from segtrain.config import CONFIG_DIR
+from segtrain.config.checks import class_names_of
 from segtrain.data.class_stats import ClassStats
+from segtrain.data.class_weights import compute_class_weights, weights_table
 from segtrain.data.scan import counts_cache_file, image_class_counts, read_cached_counts
-from segtrain.weights import compute_class_weights, weights_table
-
 
 # A report has no run directory: Hydra's files would otherwise land in a fresh
 # outputs/<date>/<time>/. Put before the user's overrides, so that their hydra.* keys still win.

@@ -15,25 +15,34 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
+from segtrain.analysis.hard_cases import write_report
 from segtrain.atomic import NoSpaceLeft
-from segtrain.build import (analysis_options, build_data, build_loaders, build_loss_fn, build_model, build_parts,
-                            build_runtime, inference_options, place_model, resolve_num_workers, seed_everything,
-                            weights_column_options)
-from segtrain.checks import check_monitor, class_names_of
+from segtrain.build import (
+    build_data,
+    build_loaders,
+    build_loss_fn,
+    build_model,
+    build_parts,
+    build_runtime,
+    place_model,
+    resolve_num_workers,
+    seed_everything,
+    weights_column_options,
+)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
-from segtrain.early_stopping import EarlyStopping, check_early_stopping
-from segtrain.ema import check_decay
+from segtrain.config.checks import analysis_options, check_monitor, class_names_of, inference_options
+from segtrain.data.class_weights import compute_class_weights, weights_table
 from segtrain.errors import check_count
-from segtrain.nonfinite import check_nonfinite_policy
-from segtrain.optim import RunLength, run_length
-from segtrain.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
-from segtrain.dashboard import TensorBoardLogger
-from segtrain.engine import FitOptions, fit
-from segtrain.hard_cases import write_report
 from segtrain.inference import check_tile
-from segtrain.run_lock import run_lock
-from segtrain.report import gather_digests, hparams_metrics, hparams_of, write_metrics_json
-from segtrain.weights import compute_class_weights, weights_table
+from segtrain.training.dashboard import TensorBoardLogger
+from segtrain.training.early_stopping import EarlyStopping, check_early_stopping
+from segtrain.training.ema import check_decay
+from segtrain.training.engine import FitOptions, fit
+from segtrain.training.nonfinite import check_nonfinite_policy
+from segtrain.training.optim import RunLength, run_length
+from segtrain.training.run_lock import run_lock
+from segtrain.training.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
+from segtrain.training.summary import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +107,7 @@ def check_sizes(tr: DictConfig, ds: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> DictConfig:
-    """What composition (segtrain/schema.py) cannot check, before anything is written: trainer.epochs or
+    """What composition (segtrain/config/schema.py) cannot check, before anything is written: trainer.epochs or
     trainer.steps, number ranges of the checkpoint and non-finite policies, the loss terms' names and options, the
     analysis options (``build.analysis_options``, returned)."""
     check_sizes(cfg.trainer, cfg.dataset)

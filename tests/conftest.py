@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import segtrain  # noqa: F401  (applies the torchvision import fix before any test imports it)
 from segtrain.config import CONFIG_DIR
-from segtrain.parts import NATIVE_BF16_ENV
+from segtrain.runtime import NATIVE_BF16_ENV
 
 
 def pytest_addoption(parser):

@@ -10,9 +10,15 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
-from segtrain.calibration import (CalibratedModel, LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature,
-                                  nll)
-from segtrain.decision import _matrices_over_grid, confusion, parse_objective, predict, tune_bias
+from segtrain.analysis.calibration import (
+    CalibratedModel,
+    LogitCalibration,
+    PixelSample,
+    ReliabilityHistogram,
+    fit_temperature,
+    nll,
+)
+from segtrain.analysis.decision import _matrices_over_grid, confusion, parse_objective, predict, tune_bias
 
 
 def _logits_and_target(seed: int, n=3, k=4, h=19, w=23, scale=3.0):
@@ -185,8 +191,8 @@ def test_evaluate_refuses_the_calibration_split_unless_told_and_applies_the_cali
 
 
 def test_predict_applies_the_calibration_and_can_leave_it_out(calibrated, trained):
-    from segtrain.predict import Predictor
     from segtrain.data.folder import read_image
+    from segtrain.predict import Predictor
 
     source, target, _ = calibrated
     entry = torch.load(target, weights_only=True)["calibration"]

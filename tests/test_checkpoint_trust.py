@@ -11,10 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from segtrain import calibrate, evaluate, export, predict, registry
+from segtrain import calibrate, evaluate, export, predict
 from segtrain.build import build_model, model_from_checkpoint
 from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
 from segtrain.config import compose_config
+from segtrain.config.trust import UntrustedConfig
+from segtrain.models import registry
 from segtrain.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def test_a_checkpoint_naming_code_is_refused_by_every_command(trained, tmp_path,
         assert not marker.exists(), f"{name} ran the checkpoint's code"
         err = capsys.readouterr().err
         assert "crafted.pt: its stored" in err and f"sets {key}=" in err and "may not name code to run" in err, err
-    with pytest.raises(registry.UntrustedConfig, match=f"sets {key}="):
+    with pytest.raises(UntrustedConfig, match=f"sets {key}="):
         Predictor.from_checkpoint(ckpt)
     assert not marker.exists()
     assert not (tmp_path / "cal.pt").exists() and not (tmp_path / "m.pt2").exists()
@@ -117,7 +119,7 @@ def test_the_users_own_command_line_and_registered_classes_are_theirs(trained, t
         ckpt["model"] = {f"net.{k}": v for k, v in ckpt["model"].items()}
 
     mine = _crafted(trained, tmp_path, rename, "mine.pt")
-    with pytest.raises(registry.UntrustedConfig, match="register its class"):
+    with pytest.raises(UntrustedConfig, match="register its class"):
         Predictor.from_checkpoint(mine)
     registry.register_model(Wrapped)
     try:

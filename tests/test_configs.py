@@ -3,23 +3,23 @@ experiment trains under ``debug=fast``. (Loss and weights files are run term by 
 strategy by strategy in test_losses.py and test_weights.py.)"""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
 from segtrain.build import build_data, build_model, inference_options
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import CONFIG_DIR, compose_config, load_option
-from segtrain.optim import param_groups
 from segtrain.train import train
+from segtrain.training.optim import param_groups
 
 
 def _options(group: str) -> list[str]:

@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from segtrain.dashboard import custom_layout
 from segtrain.train import train
+from segtrain.training.dashboard import custom_layout
 from segtrain.visualize import class_palette, confusion_matrix_image, overlay_panel
-
-from conftest import CONFIG_DIR
 
 NAMES = ["sky", "field", "beetle"]
 

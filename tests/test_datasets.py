@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from segtrain.build import build_data
-from segtrain.checks import class_names_of
+from segtrain.config.checks import class_names_of
 from segtrain.data import CityscapesDataset, FolderDataset, VOCDataset, eval_transform, pad_collate, train_transform
 from segtrain.data.cityscapes import CLASS_NAMES as CITYSCAPES_NAMES
 from segtrain.data.cityscapes import LABEL_TO_TRAIN_ID

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from segtrain import distributed
+from segtrain.build import build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.data import ShardSampler
 from segtrain.evaluate import evaluate_checkpoint
 from segtrain.metrics import flatten_metrics
-from segtrain.build import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -177,7 +177,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resume_ends_ide
 
 FAILING_ENTRY = """
 import os
-import segtrain.engine as engine
+import segtrain.training.engine as engine
 
 train_one_epoch = engine.train_one_epoch
 
@@ -345,11 +345,10 @@ def test_slurm_ddp_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     """configs/hydra/launcher/slurm_ddp.yaml, turned into the sbatch script the way Hydra's submitit
     launcher does (no cluster here: a stand-in `srun` on the PATH lets submitit write the script)."""
     submitit = pytest.importorskip("submitit")
+    from conftest import CONFIG_DIR
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-    from conftest import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 
-import segtrain.engine as engine
+import segtrain.training.engine as engine
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import compose_config
-from segtrain.early_stopping import EarlyStopping
 from segtrain.train import train
+from segtrain.training.early_stopping import EarlyStopping
 
 
 @dataclass

@@ -9,10 +9,10 @@ from segtrain.build import build_model
 from segtrain.checkpoint import load_checkpoint, read_for_inference
 from segtrain.config import compose_config
 from segtrain.distributed import parameters_digest
-from segtrain.ema import WeightEma
 from segtrain.evaluate import evaluate_checkpoint
 from segtrain.metrics import flatten_metrics
 from segtrain.train import train
+from segtrain.training.ema import WeightEma
 
 
 def _toy() -> torch.nn.Module:

@@ -128,9 +128,10 @@ def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(tra
     bf16 on a CPU with native bf16 units: evaluate scores what predict predicts."""
     import csv
 
+    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
     from segtrain.data.folder import read_mask
     from segtrain.predict import Predictor
-    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
     amp = []
     if cpu == "native_bf16":

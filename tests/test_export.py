@@ -19,8 +19,8 @@ from PIL import Image
 
 from segtrain.data.folder import read_image
 from segtrain.data.transforms import eval_transform
-from segtrain.deploy import DeployModel, normalisation_lut, plain_batchnorm, to_onnx, trace
 from segtrain.export import compare, main, unverified_path
+from segtrain.inference.deploy import DeployModel, normalisation_lut, plain_batchnorm, to_onnx, trace
 from segtrain.models import DeepLabV3Plus, UNet
 from segtrain.predict import Predictor
 

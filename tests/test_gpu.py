@@ -15,18 +15,18 @@ import torch
 # Deterministic cuBLAS for the exact-resume tests: read when the first cuBLAS handle is made, so set early.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from segtrain.calibration import ReliabilityHistogram  # noqa: E402
+from test_losses import FUSED_PAIRS, ignored_logit_mask, multiclass_batch  # noqa: E402
+
+from segtrain.analysis.calibration import ReliabilityHistogram  # noqa: E402
+from segtrain.analysis.per_image import PerImageConfusion  # noqa: E402
+from segtrain.build import build_model  # noqa: E402
 from segtrain.checkpoint import load_checkpoint  # noqa: E402
 from segtrain.config import compose_config  # noqa: E402
 from segtrain.distributed import parameters_digest  # noqa: E402
-from segtrain.build import build_model  # noqa: E402
 from segtrain.inference import InferenceOptions, predict_probs  # noqa: E402
 from segtrain.losses import CompositeLoss  # noqa: E402
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker  # noqa: E402
-from segtrain.per_image import PerImageConfusion  # noqa: E402
 from segtrain.train import train  # noqa: E402
-
-from test_losses import FUSED_PAIRS, ignored_logit_mask, multiclass_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu,

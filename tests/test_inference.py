@@ -5,8 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from segtrain.inference import (InferenceOptions, gaussian_importance, infer_batch, labels_of, predict_probs,
-                                sliding_window, window_starts)
+from segtrain.inference import (
+    InferenceOptions,
+    gaussian_importance,
+    infer_batch,
+    labels_of,
+    predict_probs,
+    sliding_window,
+    window_starts,
+)
 from segtrain.models import UNet
 
 
@@ -155,10 +162,10 @@ def test_a_buffer_that_does_not_fit_the_gpu_is_accumulated_on_the_cpu(monkeypatc
     """The fallback decision, without a GPU: the device reports too little free memory."""
     import logging
 
-    from segtrain import inference
+    from segtrain.inference import windows
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 80 * 2**30))
     with caplog.at_level(logging.INFO, logger="segtrain.inference"):
-        out = inference._accumulator((3, 100, 100), torch.device("cuda"))
+        out = windows._accumulator((3, 100, 100), torch.device("cuda"))
     assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (3, 100, 100)
     assert "accumulating the 3x100x100 probabilities on the CPU" in caplog.text

@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain import atomic, calibrate, export, run_lock
+from segtrain import atomic, calibrate, export
 from segtrain.atomic import NoSpaceLeft, atomic_write
 from segtrain.checkpoint import save_checkpoint
 from segtrain.config import compose_config
-from segtrain.signals import STOPPED_EXIT_CODE
 from segtrain.train import train
+from segtrain.training import run_lock
+from segtrain.training.signals import STOPPED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 # The classic U-Net at width 4: checkpoints of a few hundred kB, so a small file system fills quickly.
@@ -135,7 +136,7 @@ def test_training_on_a_full_disk_says_so_in_train_log_and_keeps_its_checkpoint(s
 
 _HOLD = """
 import sys, time
-from segtrain import run_lock
+from segtrain.training import run_lock
 run_lock.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)

@@ -18,9 +18,9 @@ from segtrain.build import build_data, build_loaders, build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import compose_config
 from segtrain.distributed import parameters_digest
-from segtrain.nonfinite import NonFiniteLoss
-from segtrain.signals import STOPPED_EXIT_CODE, StopSignals
 from segtrain.train import train
+from segtrain.training.nonfinite import NonFiniteLoss
+from segtrain.training.signals import STOPPED_EXIT_CODE, StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _digest(cfg, checkpoint: Path) -> str:
 # middle of optimizer step KILL_AT: its update done, the step not finished, nothing written.
 KILLED_ENTRY = """
 import os, signal, sys
-import segtrain.engine as engine
+import segtrain.training.engine as engine
 
 step, updates = engine.TrainParts.step, []
 
@@ -180,7 +180,7 @@ def test_nonfinite_rollback_returns_to_the_last_checkpoint_with_a_lower_lr(tmp_p
     run = tmp_path / "rollback"
     overrides = _nan_overrides(tmp_path, "trainer.checkpoint_every=2", "trainer.on_nonfinite=rollback",
                                "scheduler=none")
-    with caplog.at_level("WARNING", logger="segtrain.nonfinite"):
+    with caplog.at_level("WARNING", logger="segtrain.training.nonfinite"):
         train(compose_config(overrides), run)
     assert "not finite by step 4: back to step 2 (the last checkpoint), LR x 0.5" in caplog.text
     metrics = json.loads((run / "metrics.json").read_text())

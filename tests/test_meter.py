@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from segtrain.meter import TrainMeter
+from segtrain.training.meter import TrainMeter
 
 
 def _batch(n: int = 2, seed: int = 0):

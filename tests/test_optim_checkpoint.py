@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
-from segtrain.optim import RunLength, build_scheduler, param_groups, run_length
+from segtrain.training.optim import RunLength, build_scheduler, param_groups, run_length
 
 
 def _lrs(name, steps=10, **kw):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain import per_image, visualize
+from segtrain import visualize
+from segtrain.analysis import per_image
+from segtrain.analysis.per_image import PerImageConfusion, PerImageReport, gallery_file, per_image_scores, worst_images
 from segtrain.metrics import ConfusionMatrix
-from segtrain.per_image import PerImageConfusion, PerImageReport, gallery_file, per_image_scores, worst_images
 from segtrain.visualize import error_gallery, legend
 
 C = 4

@@ -17,9 +17,9 @@ from segtrain.data.folder import read_image, read_mask
 from segtrain.data.inputs import find_inputs
 from segtrain.data.voc import voc_palette
 from segtrain.evaluate import evaluate_checkpoint
+from segtrain.inference.writers import PredictionWriter
 from segtrain.metrics import ConfusionMatrix
 from segtrain.predict import Predictor, main
-from segtrain.writers import PredictionWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

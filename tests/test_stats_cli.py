@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain.build import dataset_split
-from segtrain.data.class_stats import compute_class_stats
 from segtrain.config import load_option
+from segtrain.data.class_stats import compute_class_stats
+from segtrain.data.class_weights import STRATEGIES, compute_class_weights
 from segtrain.data.scan import counts_cache_file
 from segtrain.stats import _with_no_run_dir
-from segtrain.weights import STRATEGIES, compute_class_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = ROOT / "configs" / "weights"

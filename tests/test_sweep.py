@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONFIG_DIR
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
-
-from conftest import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sweep_report.py"

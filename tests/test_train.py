@@ -16,10 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from segtrain.build import build_data, build_model, resolve_amp
 from segtrain.checkpoint import TrainState, load_checkpoint, load_resumable
 from segtrain.distributed import device_for, parameters_digest
-from segtrain.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.losses import build_loss
-from segtrain.parts import NATIVE_BF16_ENV
+from segtrain.runtime import NATIVE_BF16_ENV
 from segtrain.train import train
+from segtrain.training.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain.config import CONFIG_DIR, load_option
+from segtrain.data.class_weights import (
+    STRATEGIES,
+    ClassStats,
+    compute_class_stats,
+    compute_class_weights,
+    weights_table,
+)
 from segtrain.data.scan import counts_cache_file, read_cached_counts
-from segtrain.weights import STRATEGIES, ClassStats, compute_class_stats, compute_class_weights, weights_table
 
 I = 255  # noqa: E741  (ignore_index, short so the masks below stay readable)
 MASKS = [

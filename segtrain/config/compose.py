@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain import schema
+from segtrain.config import schema
 
 schema.register()  # the configs' defaults lists name these types (configs/*/*.yaml: /schema/...)
 # ${segtrain.if_null:${.steps},6}: 6 while trainer.steps is null, else null (configs/trainer/default.yaml).
@@ -23,7 +23,7 @@ if not OmegaConf.has_resolver("segtrain.if_null"):
 
 # An absolute path: Hydra resolves a relative one against the calling module, which breaks when
 # a module is imported (the `segtrain` console script, a wrapper script under torchrun).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -69,3 +69,16 @@ def apply_overrides(saved: DictConfig, saved_overrides: list[str], overrides: li
     for key in sorted(named):
         OmegaConf.update(merged, key, OmegaConf.select(fresh, key), merge=False)
     return merged
+
+
+# What predict and export change of a checkpoint's config; their other keys are their own config's.
+CHECKPOINT_KEYS = ("dataset", "inference")
+
+
+def split_overrides(overrides: list[str], keys: tuple[str, ...] = CHECKPOINT_KEYS) -> tuple[list[str], list[str]]:
+    """(the overrides of the top-level ``keys``, the others): for commands whose own config (configs/predict.yaml,
+    configs/export.yaml) sits beside a checkpoint's."""
+    named, others = [], []
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        (named if parsed.key_or_group.split(".")[0].lstrip("+~") in keys else others).append(line)
+    return named, others

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segtrain.analysis.per_image import PerImageReport, per_image_scores, worst_images
 from segtrain.inference import InferenceOptions, scored_logits
 from segtrain.metrics import class_argmax
-from segtrain.parts import Runtime
-from segtrain.per_image import PerImageReport, per_image_scores, worst_images
+from segtrain.runtime import Runtime
 from segtrain.visualize import denormalize, error_gallery
 
 log = logging.getLogger(__name__)

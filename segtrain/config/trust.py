@@ -1,71 +1,38 @@
-"""What a file may name: the model classes segtrain builds, and the optimizer and scheduler a run's config holds.
+"""What a file's config may hold: a checkpoint is data (STYLE habit 11), never code.
 
-A checkpoint is data (STYLE habit 11). Its stored config names its model by a registered name (the
-``_target_`` the model configs write, ``segtrain.models.UNet``), which is looked up here and called with
-plain arguments; nothing a file says is imported or instantiated by Hydra. ``check_file_config`` refuses
-a stored config (or the stored command line) that holds Hydra's instantiation keys anywhere else:
+``check_file_config`` refuses a stored config (or stored command line) that holds Hydra's instantiation keys
+anywhere but where a segtrain run's config has them, with the values a run stores: ``model._target_`` a
+registered model (``segtrain.models.registry``), the optimizer a ``torch.optim`` class, the scheduler
+segtrain's. The command line and the configs under configs/ stay the user's own: ``replaced`` names the keys
+the user's overrides give, which are therefore not taken from the file.
 
-    register_model(MyNet)                 # under "mypkg.nets.MyNet", the name its configs' _target_ gives
     check_file_config(tree, overrides, "ckpt.pt", replaced={"model"})   # raises UntrustedConfig
-
-The command line and the configs under configs/ stay the user's own: a ``model._target_=mypkg.Net`` typed
-there is built as training builds it (``build_model``). ``replaced`` names the keys that the user's own
-overrides replace, which are therefore not taken from the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 
-from segtrain.models import DeepLabV3Plus, UNet
+from segtrain.models.registry import is_registered, registered_models
 
 # Hydra's keys that make ``instantiate`` import and call something.
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
-# Keys of the model config that configure training around the model, not the model class.
-MODEL_TRAINING_KEYS = ("sync_bn",)
-
-_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
-    "segtrain.models.UNet": UNet,
-    "segtrain.models.DeepLabV3Plus": DeepLabV3Plus,
-}
-_SCHEDULERS = ("segtrain.optim.build_scheduler",)
+# The scheduler a run's config names (the first: the name before the stage folders; old checkpoints hold it).
+SCHEDULERS = ("segtrain.optim.build_scheduler", "segtrain.training.optim.build_scheduler")
 
 
 class UntrustedConfig(ValueError):
     """A file's config names code to run."""
 
 
-def register_model(cls: Callable[..., torch.nn.Module], name: str | None = None) -> Callable[..., torch.nn.Module]:
-    """Make ``cls`` buildable from a checkpoint whose ``model._target_`` is ``name`` (default: its import path,
-    ``module.QualName``, which is what a ``model._target_`` names). Usable as a decorator."""
-    _MODELS[name or f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return cls
-
-
-def registered_models() -> list[str]:
-    return list(_MODELS)
-
-
-def build_model(options: dict[str, Any]) -> torch.nn.Module:
-    """The model ``options["_target_"]`` names, called with the other keys (not ``sync_bn``). A registered name
-    is called directly with plain arguments; any other target (typed by the user, never read from a file:
-    ``check_file_config``) goes through Hydra as in any Hydra app."""
-    options = {k: v for k, v in options.items() if k not in MODEL_TRAINING_KEYS}
-    cls = _MODELS.get(options.get("_target_"))
-    if cls is None:
-        return instantiate(options)
-    return cls(**{k: v for k, v in options.items() if k != "_target_"})
-
-
 def _allowed(path: str, value: Any) -> bool:
     """Whether a Hydra key at ``path`` with ``value`` is one a segtrain run's config holds."""
     if path == "model._target_":
-        return value in _MODELS
+        return is_registered(value)
     if path in ("optimizer._partial_", "scheduler._partial_"):
         return value is True
     if path == "optimizer._target_":  # a class of torch.optim, looked up there, never imported by name
@@ -73,7 +40,7 @@ def _allowed(path: str, value: Any) -> bool:
         found = getattr(torch.optim, name, None) if name.isidentifier() else None
         return isinstance(found, type) and issubclass(found, torch.optim.Optimizer)
     if path == "scheduler._target_":
-        return value in _SCHEDULERS
+        return value in SCHEDULERS
     return False
 
 
@@ -94,7 +61,7 @@ def _under(path: str, replaced: Iterable[str]) -> bool:
 def _refuse(source: Any, where: str, path: str, value: Any) -> UntrustedConfig:
     return UntrustedConfig(
         f"{source}: {where} sets {path}={value!r}; a checkpoint may not name code to run. Models are built from "
-        f"segtrain's registry ({', '.join(_MODELS)}; more with segtrain.registry.register_model in your own "
+        f"segtrain's registry ({', '.join(registered_models())}; more with segtrain.models.register_model in your own "
         f"code), and {', '.join(HYDRA_KEYS)} are refused anywhere else. If you trust this file and the model is "
         "yours, register its class, or give the value on the command line")
 

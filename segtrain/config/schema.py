@@ -216,7 +216,7 @@ class SGDConfig(OptimizerConfig):
 
 @dataclass
 class SchedulerConfig:
-    _target_: str = "segtrain.optim.build_scheduler"
+    _target_: str = "segtrain.training.optim.build_scheduler"
     _partial_: bool = True
     name: Schedule = Schedule.poly
     power: float = 0.9

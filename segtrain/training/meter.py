@@ -7,8 +7,8 @@ into the scalars that the progress bar and TensorBoard show.
 
 from __future__ import annotations
 
-import time
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch

@@ -17,18 +17,19 @@ import torch
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.calibration import ReliabilityHistogram
+from segtrain.analysis.calibration import ReliabilityHistogram
+from segtrain.analysis.hard_cases import galleries
+from segtrain.analysis.per_image import PerImageConfusion
 from segtrain.checkpoint import RunOutput, TrainState
-from segtrain.early_stopping import EarlyStopping
 from segtrain.errors import choice_message
-from segtrain.hard_cases import galleries
 from segtrain.inference import InferenceOptions, scored_logits
-from segtrain.meter import TrainMeter
 from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
-from segtrain.nonfinite import NonFiniteLoss, Snapshot, roll_back
-from segtrain.parts import Runtime, TrainParts
-from segtrain.per_image import PerImageConfusion
-from segtrain.signals import RunStopped, StopSignals
+from segtrain.runtime import Runtime
+from segtrain.training.early_stopping import EarlyStopping
+from segtrain.training.meter import TrainMeter
+from segtrain.training.nonfinite import NonFiniteLoss, Snapshot, roll_back
+from segtrain.training.parts import TrainParts
+from segtrain.training.signals import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class FitOptions:
     inference: InferenceOptions | None = None  # how validation predicts; None: one whole-image pass
     checkpoint_every: int | None = None  # optimizer steps between last.pt writes inside an epoch
     stop: StopSignals | None = None  # checked after every optimizer step
-    on_nonfinite: str = "stop"  # stop | skip | rollback (segtrain.nonfinite)
+    on_nonfinite: str = "stop"  # stop | skip | rollback (segtrain.training.nonfinite)
     max_skipped: int = 10  # skip: this many skipped steps in a row stop the run
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3

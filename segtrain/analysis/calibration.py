@@ -7,13 +7,14 @@ equal-width bins from ``torch.bucketize(p, linspace(0, 1, 16), right=True) - 1``
 so the numbers equal ``MulticlassCalibrationError(n_bins=15, norm="l1")`` and ``BinaryCalibrationError``.
 
 ``PixelSample`` keeps a fixed-seed sample of a split's (logits, label) pairs, on which ``fit_temperature``
-minimises the NLL of ``logits / T`` (Guo et al. 2017) and ``segtrain.decision`` tunes a per-class bias.
+minimises the NLL of ``logits / T`` (Guo et al. 2017) and ``segtrain.analysis.decision`` tunes a per-class bias.
 ``LogitCalibration`` is what a calibrated checkpoint applies: ``logits / T + bias``.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,9 @@ class CalibratedModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.calibration(self.model(image))
+
+
+def fitted_on(split) -> dict[str, str]:
+    """Where a calibration was fitted, as the checkpoint records it and ``evaluate`` compares it."""
+    root = str(Path(split.root).resolve())
+    return {"root": root, "split": split.split, "name": f"{split.root}/{split.split}"}
