@@ -46,16 +46,8 @@ from benchmem import check_cpu_memory_method, peak_cpu_bytes, peak_cuda_bytes
 import segtrain  # noqa: F401
 from segtrain.config import load_option
 from segtrain.data.class_weights import compute_class_stats, compute_class_weights
-from segtrain.losses import (
-    CrossEntropyLoss,
-    DiceLoss,
-    FocalLoss,
-    GeneralizedDiceLoss,
-    LovaszSoftmaxLoss,
-    OhemCrossEntropyLoss,
-    TverskyLoss,
-    build_loss,
-)
+from segtrain.losses import (CrossEntropyLoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, LovaszSoftmaxLoss,
+                             OhemCrossEntropyLoss, TverskyLoss, build_loss)
 
 IGNORE = 255
 REFERENCE = "F.cross_entropy (reference)"

@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from segtrain import distributed
 from segtrain.config import CONFIG_DIR
-from segtrain.train import train
+from segtrain.train import started_options, train
 from segtrain.training.signals import STOPPED_EXIT_CODE, RunStopped
 
 log = logging.getLogger("segtrain.train")
@@ -38,7 +38,8 @@ def run(cfg: DictConfig) -> float:
         # the same run directory: it continues from its checkpoints (a first run finds none and starts afresh).
         cfg.trainer.resume = "auto"
     try:
-        return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+        return train(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task),
+                     options=started_options())
     except RunStopped as stopped:  # a signal: last.pt is written, the stop logged; resume with trainer.resume=auto
         stopped.hand_over()  # in a submitit job, SIGUSR2: submitit requeues the job and exits
         sys.exit(STOPPED_EXIT_CODE)

@@ -26,26 +26,11 @@ from pathlib import Path
 
 import torch
 
-from segtrain.analysis.calibration import (
-    LogitCalibration,
-    PixelSample,
-    ReliabilityHistogram,
-    fit_temperature,
-    fitted_on,
-    nll,
-    two_class,
-)
+from segtrain.analysis.calibration import (LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature,
+                                           fitted_on, nll)
 from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
-from segtrain.build import (
-    eval_loader,
-    eval_split,
-    inference_runtime,
-    model_from_checkpoint,
-    place_model,
-    resolve_num_workers,
-)
-from segtrain.checkpoint import load_checkpoint, read_with_overrides, save_checkpoint
-from segtrain.config.checks import analysis_options, class_names_of
+from segtrain.build import CheckpointOnSplit
+from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.inference import scored_logits
 from segtrain.metrics import ConfusionMatrix, class_argmax
 
@@ -70,7 +55,7 @@ def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None],
     """One pass: {name: (confusion matrix, reliability histogram)} of the model's logits under each calibration
     (None: as they are); ``sample`` collects the raw logits of its pixels."""
     model.eval()
-    out = {name: (ConfusionMatrix(max(num_classes, 2), ignore_index, rt.device),  # one channel: two labels
+    out = {name: (ConfusionMatrix(num_classes, ignore_index, rt.device),
                   ReliabilityHistogram(num_classes, bins, ignore_index, rt.device)) for name in calibrations}
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
@@ -81,32 +66,20 @@ def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None],
             sample.add(raw, masks)
         for name, calibration in calibrations.items():
             logits = raw if calibration is None else calibration.to(raw.device)(raw)
-            preds = class_argmax(two_class(logits))  # once for both (the histogram would take it again)
+            preds = class_argmax(logits)  # once for both (the histogram would take it again)
             matrix, histogram = out[name]
             matrix.update(preds, masks)
             histogram.update(logits, masks, preds)
     return {name: (matrix.matrix.cpu(), histogram) for name, (matrix, histogram) in out.items()}
 
 
-def _label_names(class_names: list[str]) -> list[str]:
-    return ["background", *class_names] if len(class_names) == 1 else class_names
-
-
 def calibrate(path: str | Path, overrides: list[str], output: str | None = None) -> tuple[Path, dict]:
     """Fit and write; returns (the calibrated checkpoint, its ``calibration`` entry)."""
-    saved, cfg = read_with_overrides(path, [*overrides, "inference.calibrated=false"])
-    options = analysis_options(cfg)
+    run = CheckpointOnSplit.open(path, [*overrides, "inference.calibrated=false"])
+    saved, ds, rt, options, class_names = run.saved, run.cfg.dataset, run.runtime, run.analysis, run.class_names
     target = output_path(saved.path, output)
-    ds, tr = cfg.dataset, cfg.trainer
-    rt, _ = inference_runtime(cfg)  # predict's precision: the logits predict will calibrate
-    workers = resolve_num_workers(tr.num_workers, rt.device)
-    model = model_from_checkpoint(saved, cfg)  # its class count checked before any pass over the data
-    class_names = class_names_of(ds)
-    labels_named = _label_names(class_names)
-    objective = parse_objective(options.decision.objective, labels_named) if options.decision.tune else None
-    split = eval_split(ds, ds.get("split") or ds.val_split, workers, generate=saved.user_gave("dataset.root"))
-    loader = eval_loader(split, ds, workers)
-    model = place_model(model, rt)
+    objective = parse_objective(options.decision.objective, class_names) if options.decision.tune else None
+    split, loader, model = run.read_split().split, run.loader, run.model
     bins = options.calibration.bins or 15
     per_image = max(1, math.ceil(options.calibration.max_pixels / len(split)))
     sample = PixelSample(per_image, ds.ignore_index, options.calibration.seed)
@@ -124,16 +97,15 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
         bias, start, best = tune_bias(logits / temperature, labels, objective)
         log.info("bias %s: %s %.4f -> %.4f on the %d sampled pixels", [round(b, 3) for b in bias.tolist()],
                  objective.text, start, best, len(labels))
-    stored = bias[1:] - bias[0] if ds.num_classes == 1 else bias  # a one-channel model: the bias of its one logit
-    calibrations = {"temperature": LogitCalibration(temperature, torch.zeros(len(stored))),
-                    "calibrated": LogitCalibration(temperature, stored)}
+    calibrations = {"temperature": LogitCalibration(temperature, torch.zeros(k)),
+                    "calibrated": LogitCalibration(temperature, bias)}
     after = measure(model, loader, rt, calibrations, ds.num_classes, ds.ignore_index, bins)
     if objective is not None and float(objective(after["calibrated"][0])) < float(objective(before[0])):
         log.warning("the bias lowers %s on the whole split (the sample was smaller than it): dropped", objective.text)
-        stored = torch.zeros(len(stored))
+        bias = torch.zeros(k)
         after["calibrated"] = after["temperature"]
     entry = {
-        "temperature": temperature, "bias": [float(b) for b in stored], "fitted_on": fitted_on(split),
+        "temperature": temperature, "bias": [float(b) for b in bias], "fitted_on": fitted_on(split),
         "objective": objective.text if objective is not None else None, "pixels": int(len(labels)),
         "nll": [nll(logits, labels), nll(logits, labels, temperature)],
         "ece": [before[1].ece(), after["temperature"][1].ece()],
@@ -144,12 +116,12 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     ckpt = load_checkpoint(saved.path)
     ckpt["calibration"] = entry
     save_checkpoint(ckpt, target)
-    _print_summary(entry, before[0], after["calibrated"][0], labels_named, class_names, target)
+    _print_summary(entry, before[0], after["calibrated"][0], class_names, target)
     return target, entry
 
 
-def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, label_names: list[str],
-                   class_names: list[str], target: Path) -> None:
+def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, class_names: list[str],
+                   target: Path) -> None:
     where = entry["fitted_on"]["name"]
     print(f"fitted on {where}, {entry['pixels']} sampled pixels (numbers below are on that split: not a final score)")
     print(f"temperature {entry['temperature']:.4f}: NLL {entry['nll'][0]:.4f} -> {entry['nll'][1]:.4f} (sample), "
@@ -160,10 +132,10 @@ def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, label
         bias = entry["bias"]
         print(f"bias {[round(b, 4) for b in bias]}: {entry['objective']} {entry['objective_value'][0]:.4f} -> "
               f"{entry['objective_value'][1]:.4f} (whole split)")
-        if len(label_names) == 2:  # as a threshold on the temperature-scaled probability of the second label
-            d = bias[0] if len(bias) == 1 else bias[1] - bias[0]
-            print(f"  = {label_names[1]} where p({label_names[1]}) >= {1 / (1 + math.exp(d)):.4f} (was 0.5)")
-        print(per_class_table(before, after, label_names))
+        if len(class_names) == 2:  # as a threshold on the temperature-scaled probability of the second class
+            d = bias[1] - bias[0]
+            print(f"  = {class_names[1]} where p({class_names[1]}) >= {1 / (1 + math.exp(d)):.4f} (was 0.5)")
+        print(per_class_table(before, after, class_names))
     print(f"wrote {target}; score it on a held-out split: python -m segtrain.evaluate checkpoint={target} "
           "dataset.split=<split> (or dataset.root=<other data>)")
 

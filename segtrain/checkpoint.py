@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain.atomic import atomic_write
 from segtrain.config import apply_overrides, override_keys
+from segtrain.config.compose import upgrade_saved
 from segtrain.config.trust import check_file_config
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class SavedModel:
     def choose_weights(self, config: DictConfig) -> SavedModel:
         """``weights`` = the EMA weights when there are some and ``config``'s trainer.ema.evaluate (as the run
         evaluated and chose best.pt), else the trained weights."""
-        use_ema = self.ema_weights is not None and OmegaConf.select(config, "trainer.ema.evaluate", default=True)
+        use_ema = self.ema_weights is not None and config.trainer.ema.evaluate
         self.weights = self.ema_weights if use_ema else self.raw_weights
         return self
 
@@ -253,7 +254,7 @@ def _stored_config(path: Path, text: Any, overrides: list[str], replaced: tuple[
     if not isinstance(tree, dict) or not all(isinstance(line, str) for line in overrides):
         raise ValueError(f"{path}: its stored config is not a mapping with a list of override strings")
     check_file_config(tree, overrides, path, replaced)
-    return config
+    return upgrade_saved(config)  # keys of today's configs that an older run lacks, filled once here
 
 
 def read_for_inference(path: str | Path, replaced: tuple[str, ...] = ()) -> SavedModel:

@@ -21,22 +21,10 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from segtrain.analysis.calibration import fitted_on
 from segtrain.analysis.hard_cases import write_report
-from segtrain.build import (
-    build_loss_fn,
-    eval_loader,
-    eval_split,
-    inference_runtime,
-    model_from_checkpoint,
-    place_model,
-    resolve_num_workers,
-)
-from segtrain.checkpoint import SavedModel, read_with_overrides
-from segtrain.config.checks import analysis_options, class_names_of
-from segtrain.inference import check_tile
+from segtrain.build import CheckpointOnSplit, build_loss_fn
+from segtrain.checkpoint import SavedModel
 from segtrain.metrics import flatten_metrics, format_table
 from segtrain.training.engine import evaluate
 
@@ -49,7 +37,7 @@ USAGE = ("usage: python -m segtrain.evaluate checkpoint=<path/to/last.pt> [repor
 def check_held_out(saved: SavedModel, cfg, split, same_split_ok: bool) -> None:
     """A checkpoint calibrated on this very split would score optimistically on it: refused unless asked for."""
     cal = saved.calibration
-    if cal is None or not OmegaConf.select(cfg, "inference.calibrated", default=True) or same_split_ok:
+    if cal is None or not cfg.inference.calibrated or same_split_ok:
         return
     here = fitted_on(split)
     if (cal["fitted_on"]["root"], cal["fitted_on"]["split"]) == (here["root"], here["split"]):
@@ -67,7 +55,7 @@ def report_dir(saved: SavedModel, cfg, split, folder: str | None) -> Path:
     name = split.split
     if Path(split.root).resolve() != Path(saved.config.dataset.root).resolve():
         name = f"{Path(split.root).name}_{name}"
-    if saved.calibration is not None and OmegaConf.select(cfg, "inference.calibrated", default=True):
+    if saved.calibration is not None and cfg.inference.calibrated:
         name += "_calibrated"
     return run_dir / "eval" / name
 
@@ -76,24 +64,16 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, sa
                         report: bool = True) -> tuple[dict, list[str]]:
     """Metrics of the checkpoint on the configured split: (ConfusionMatrix.compute() + loss and ECE, class names);
     with ``report``, the per-image report in ``report_dir``."""
-    saved, cfg = read_with_overrides(path, overrides)
-    ds, tr = cfg.dataset, cfg.trainer
-    options = analysis_options(cfg)
-    rt, inference = inference_runtime(cfg)  # predict's precision: the same numbers as predict on this machine
-    workers = resolve_num_workers(tr.num_workers, rt.device)
-    model = model_from_checkpoint(saved, cfg)  # its class count checked before any pass over the data
-    class_names = class_names_of(ds)
-    check_tile(inference, model)
-    split = eval_split(ds, ds.get("split") or ds.val_split, workers, generate=saved.user_gave("dataset.root"))
-    check_held_out(saved, cfg, split, same_split_ok)
-    model = place_model(model, rt)
+    run = CheckpointOnSplit.open(path, overrides).read_split()
+    saved, cfg, ds, rt, options = run.saved, run.cfg, run.cfg.dataset, run.runtime, run.analysis
+    check_held_out(saved, cfg, run.split, same_split_ok)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
-    result = evaluate(model, eval_loader(split, ds, workers), loss_fn, rt, ds.num_classes, ds.ignore_index,
-                      inference=inference, per_image=report, calibration_bins=options.calibration.bins)
+    result = evaluate(run.model, run.loader, loss_fn, rt, ds.num_classes, ds.ignore_index, inference=run.inference,
+                      per_image=report, calibration_bins=options.calibration.bins)
     if report:
-        write_report(report_dir(saved, cfg, split, options.report.dir), model, split, result.per_image, class_names,
-                     options.report.worst_k, rt, inference, ds.mean, ds.std, ds.ignore_index)
-    return result.metrics, class_names
+        write_report(report_dir(saved, cfg, run.split, options.report.dir), run.model, run.split, result.per_image,
+                     run.class_names, options.report.worst_k, rt, run.inference, ds.mean, ds.std, ds.ignore_index)
+    return result.metrics, run.class_names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,18 +43,8 @@ from segtrain.checkpoint import read_with_overrides, tensor_bytes
 from segtrain.config import compose_config, split_overrides
 from segtrain.config.checks import class_names_of
 from segtrain.errors import check_choice
-from segtrain.inference.deploy import (
-    HEADS,
-    INPUTS,
-    OUTPUT_NAMES,
-    DeployModel,
-    metadata,
-    min_size,
-    normalisation_lut,
-    require_onnx,
-    to_onnx,
-    trace,
-)
+from segtrain.inference.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
+                                       require_onnx, to_onnx, trace)
 from segtrain.metrics import class_argmax
 from segtrain.training.signals import STOPPED_EXIT_CODE, Interrupted, interrupt_on
 
@@ -102,13 +92,8 @@ class Check:
                 f"-- {'ok' if self.ok else 'FAILED'}")
 
 
-def _labels(output: torch.Tensor, head: str, threshold: float) -> torch.Tensor:
-    if head == "argmax":
-        return output.long()
-    if output.shape[1] == 1:
-        probs = output if head == "probabilities" else torch.sigmoid(output)
-        return (probs[:, 0] >= threshold).long()
-    return class_argmax(output)
+def _labels(output: torch.Tensor, head: str) -> torch.Tensor:
+    return output.long() if head == "argmax" else class_argmax(output)
 
 
 def compare(reference: torch.Tensor, got: torch.Tensor, net: DeployModel, rtol: float, atol: float,
@@ -116,7 +101,7 @@ def compare(reference: torch.Tensor, got: torch.Tensor, net: DeployModel, rtol: 
     """The file's output ``got`` against PyTorch's ``reference``: values (not for a mask) and classes."""
     if tuple(got.shape) != tuple(reference.shape):
         return Check(tuple(reference.shape), float("inf"), float("inf"), 1.0, False)
-    mismatch = (_labels(got, net.head, net.threshold) != _labels(reference, net.head, net.threshold)).float().mean()
+    mismatch = (_labels(got, net.head) != _labels(reference, net.head)).float().mean()
     max_abs = max_rel = None
     close = True
     if net.head != "argmax":
@@ -192,27 +177,25 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
     versions = require_onnx() if ecfg.format == "onnx" else {}
     path = output_path(ecfg)
     saved, cfg = read_with_overrides(ecfg.checkpoint, model_overrides)
-    ds, channels = cfg.dataset, int(cfg.model.get("in_channels", 3))
-    if ds.get("val_resize") is not None:
+    ds, channels = cfg.dataset, int(cfg.model.in_channels)
+    if ds.val_resize is not None:
         log.warning("dataset.val_resize=%s is not part of the exported graph, which runs the model at the "
                     "input's own size: resize or pad before calling it, as segtrain.predict does", ds.val_resize)
     lut = normalisation_lut(ds.mean, ds.std) if ecfg.input == "uint8" else None
-    threshold = cfg.get("inference", {}).get("threshold", 0.5)
-    net = DeployModel(model_from_checkpoint(saved, cfg), ecfg.head, lut, threshold, ecfg.mask_dtype)
+    net = DeployModel(model_from_checkpoint(saved, cfg), ecfg.head, lut, ecfg.mask_dtype)
     if min(*size, *verify_size) < min_size(net):
         raise ValueError(f"size={list(size)}, verify_size={list(verify_size)}: both must be at least "
                          f"{min_size(net)} pixels a side for this model (its stride + 1)")
     class_names = class_names_of(ds)
-    label_names = ["background", *class_names] if len(class_names) == 1 else class_names
-    if ecfg.head == "argmax" and ecfg.mask_dtype == "uint8" and len(label_names) > 256:
-        raise ValueError(f"mask_dtype=uint8 holds 256 labels, the model has {len(label_names)}: use mask_dtype=int64")
+    if ecfg.head == "argmax" and ecfg.mask_dtype == "uint8" and len(class_names) > 256:
+        raise ValueError(f"mask_dtype=uint8 holds 256 labels, the model has {len(class_names)}: use mask_dtype=int64")
     log.info("tracing %s (%s, %d parameters) with torch.export %s at 2x%dx%dx%d, dynamic batch, height and width",
              saved.path, type(net.model).__name__, sum(p.numel() for p in net.parameters()), torch.__version__,
              channels, *size)
     program = trace(net, channels, size)
     exporter = (f"torch.onnx.export(dynamo=True) {torch.__version__}, onnxscript {versions['onnxscript']}, "
                 f"opset {ecfg.opset}" if ecfg.format == "onnx" else f"torch.export {torch.__version__}")
-    meta = metadata(class_names=class_names, label_names=label_names, palette=palette_for(cfg, len(label_names)),
+    meta = metadata(class_names=class_names, palette=palette_for(cfg, len(class_names)),
                     mean=ds.mean, std=ds.std, net=net, channels=channels, exporter=exporter, checkpoint=str(saved.path))
     if isinstance(net.model, CalibratedModel):  # logits / temperature + bias are part of the graph
         meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}

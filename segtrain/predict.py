@@ -35,7 +35,8 @@ from segtrain import distributed
 from segtrain.build import eval_transform_of, model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides
 from segtrain.config import compose_config, split_overrides
-from segtrain.config.checks import class_names_of, inference_options
+from segtrain.config.checks import class_names_of
+from segtrain.config.options import inference_options
 from segtrain.data.folder import read_image
 from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
 from segtrain.errors import check_choice
@@ -58,20 +59,15 @@ class Predictor:
         check_tile(options, model)
         self.model, self.cfg, self.options, self.device = model.eval(), cfg, options, device
         self.class_names = class_names_of(cfg.dataset)
-        self.in_channels = int(cfg.model.get("in_channels", 3))
+        self.in_channels = int(cfg.model.in_channels)
         self.transform = eval_transform_of(cfg.dataset)
-        self.val_resize = cfg.dataset.get("val_resize")
+        self.val_resize = cfg.dataset.val_resize
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
         saved, cfg = read_with_overrides(path, overrides)
         target = distributed.device_for(device)
         return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target)
-
-    @property
-    def label_names(self) -> list[str]:
-        """The names of the mask's values: a one-channel model's are background and its class."""
-        return ["background", *self.class_names] if len(self.class_names) == 1 else self.class_names
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """(K, H, W) float32 probabilities of an (H, W, C) uint8 image, at the image's size."""
@@ -90,7 +86,7 @@ class Predictor:
         return probs
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
-        return labels_of(probs, self.options.threshold)
+        return labels_of(probs)
 
 
 @dataclass
@@ -119,7 +115,7 @@ def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
     single = Path(pcfg.input).is_file() and Path(pcfg.input).suffix.lower() not in LIST_SUFFIXES
     on_error = ("stop" if single else "skip") if pcfg.on_error == "auto" else pcfg.on_error
     kinds = [kind for kind in ("color", "overlay", "probabilities") if pcfg.save.get(kind)]
-    names = predictor.label_names
+    names = predictor.class_names
     writer = PredictionWriter(output, names, palette_for(predictor.cfg, len(names)), kinds)
     writer.check_names((item.key, item.path) for item in images)
     writer.write_legend()
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.line(Path(pcfg.output)))
     if summary.predicted:
-        print("predicted pixels per class:\n" + _share_table(predictor.label_names, summary.pixels))
+        print("predicted pixels per class:\n" + _share_table(predictor.class_names, summary.pixels))
     return STOPPED_EXIT_CODE if summary.stopped else 1 if summary.skipped else 0
 
 

@@ -46,7 +46,7 @@ _NO_RUN_DIR = [
     "hydra.output_subdir=null",
     "hydra/job_logging=none",
     "hydra/hydra_logging=none",
-    "~hydra.callbacks.run_lock",  # nothing is trained: no run directory to lock
+    "~hydra.callbacks.run_start",  # nothing is trained: no run directory to check or lock
 ]
 
 

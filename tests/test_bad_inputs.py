@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain import calibrate, evaluate, export, predict
 from segtrain.build import build_data
+from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.config import compose_config
 from segtrain.data import ensure_synthetic
 from segtrain.data.folder import FolderDataset, check_image
@@ -137,6 +139,16 @@ def test_a_checkpoint_given_another_class_count_is_refused_before_any_pass(train
             assert ("last.pt: the model has 3 output channels (trained on background, region, spot) but "
                     f"{given}") in err, (name, err)
     assert not any((tmp_path / name).exists() for name in ("pred", "report", "m.pt2", "c.pt"))
+    # A one-channel (sigmoid) checkpoint of an earlier segtrain: refused with the way to train the task now.
+    one = load_checkpoint(ckpt)
+    config = OmegaConf.create(one["config"])
+    config.model.num_classes, config.dataset.num_classes, config.dataset.class_names = 1, 1, ["spot"]
+    one["config"], one["class_names"] = OmegaConf.to_yaml(config), ["spot"]
+    one["model"] = {k: v[:1] if k.startswith("head.") else v for k, v in one["model"].items()}
+    save_checkpoint(one, tmp_path / "one.pt")
+    assert predict.main([f"checkpoint={tmp_path / 'one.pt'}", f"input={trained / 'data/images/val'}",
+                         f"output={tmp_path / 'pred'}"]) == 2
+    assert "a model of 1 output channel (an earlier segtrain's one-channel sigmoid model)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- config values

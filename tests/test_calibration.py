@@ -10,14 +10,8 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
-from segtrain.analysis.calibration import (
-    CalibratedModel,
-    LogitCalibration,
-    PixelSample,
-    ReliabilityHistogram,
-    fit_temperature,
-    nll,
-)
+from segtrain.analysis.calibration import (CalibratedModel, LogitCalibration, PixelSample, ReliabilityHistogram,
+                                           fit_temperature, nll)
 from segtrain.analysis.decision import _matrices_over_grid, confusion, parse_objective, predict, tune_bias
 
 
@@ -49,20 +43,6 @@ def test_ece_equals_torchmetrics_top_label_and_per_class(seed):
     for c in range(4):
         per_class = BinaryCalibrationError(n_bins=15, norm="l1")(probs[:, c], (labels == c).long())
         assert float(histogram.class_ece()[c]) == pytest.approx(float(per_class), abs=1e-6)
-
-
-def test_ece_of_a_one_channel_model_is_that_of_its_sigmoid():
-    g = torch.Generator().manual_seed(3)
-    z = torch.randn(2, 1, 16, 16, generator=g) * 2
-    target = torch.randint(0, 2, (2, 16, 16), generator=g)
-    histogram = ReliabilityHistogram(1, bins=15)
-    histogram.update(z, target)
-    p = torch.sigmoid(z).flatten()
-    y = target.flatten()
-    two = torch.stack([1 - p, p], dim=1)
-    assert histogram.ece() == pytest.approx(float(MulticlassCalibrationError(2, n_bins=15)(two, y)), abs=1e-6)
-    assert histogram.class_ece().shape == (1,)
-    assert float(histogram.class_ece()[0]) == pytest.approx(float(BinaryCalibrationError(n_bins=15)(p, y)), abs=1e-6)
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.5])
@@ -241,26 +221,6 @@ def test_analysis_options_are_checked_before_training(override, message, tmp_pat
     with pytest.raises(ValueError, match=message):
         train(compose_config(["debug=fast", f"dataset.root={tmp_path / 'data'}", override]), tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
-
-
-def test_a_one_channel_model_is_tuned_through_its_two_class_view():
-    """[0, z] is the softmax view of a sigmoid logit z: a bias (b0, b1) there is the bias b1 - b0 on z, which the
-    one-channel model's LogitCalibration applies; the masks agree pixel for pixel (p >= 0.5 of the sigmoid)."""
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(2, 1, 20, 20, generator=g) * 2
-    target = (torch.rand(2, 20, 20, generator=g) < torch.sigmoid(z[:, 0] - 1.0)).long()  # the logit is 1 too high
-    sample = PixelSample(per_image=400)
-    sample.add(z, target)
-    logits, labels = sample.tensors()
-    assert logits.shape == (800, 2) and torch.equal(logits[:, 0], torch.zeros(800))
-    bias, start, best = tune_bias(logits, labels, parse_objective("dice/foreground", ["background", "foreground"]))
-    assert best >= start
-    one = LogitCalibration(1.0, [float(bias[1] - bias[0])])(z)
-    mask_one = torch.sigmoid(one)[:, 0] >= 0.5
-    two = predict(logits, bias)  # the same pixels, as the search scored them
-    flat = z.permute(0, 2, 3, 1).reshape(-1, 1)
-    order = torch.tensor([int(torch.nonzero((flat[:, 0] == v).int())[0]) for v in logits[:, 1]])
-    assert torch.equal(mask_one.flatten()[order].long(), two)
 
 
 def test_calibrate_never_writes_over_its_input(calibrated, capsys):

@@ -15,11 +15,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segtrain.build import build_data, build_model, inference_options
+from segtrain.build import build_data, build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import CONFIG_DIR, compose_config, load_option
+from segtrain.config.options import inference_options
 from segtrain.train import train
 from segtrain.training.optim import param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _options(group: str) -> list[str]:
@@ -164,12 +167,21 @@ def test_composition_refuses_a_wrong_type_choice_or_key_and_names_it(compose_cfg
     assert f"full_key: {key}\n" in message and expected in message, message
 
 
-def test_a_schema_error_stops_the_command_before_its_run_directory_exists(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("trainer.batch_size=eight", "full_key: trainer.batch_size"),  # composition (schema)
+    ("trainer.monitor=val/mdice", "trainer.monitor='val/mdice' is not a logged metric; valid:"),  # check_config
+    ("trainer.keep_last=0", "trainer.keep_last=0: expected a number of checkpoints >= 1"),
+    ("dataset.class_names=[a,b]", "dataset.class_names has 2 names but dataset.num_classes=3"),
+    ("dataset.num_classes=1", "dataset.num_classes=1: expected a number of classes (binary data: 2, background and "
+                              "foreground) >= 2"),
+])
+def test_a_bad_value_stops_the_command_before_its_run_directory_exists(tmp_path, override, message):
+    """Checked by composition or by check_config in Hydra's on_run_start: nothing is written, not even the folder."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "segtrain", "trainer.batch_size=eight", f"hydra.run.dir={run}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "full_key: trainer.batch_size" in proc.stderr, proc.stderr
-    assert not run.exists()
+    proc = subprocess.run([sys.executable, "-m", "segtrain", "debug=fast", f"dataset.root={tmp_path / 'data'}",
+                           override, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert not run.exists() and not (tmp_path / "data").exists()
 
 
 def test_choices_compare_and_print_as_their_strings(compose_cfg):
@@ -184,3 +196,22 @@ def test_load_option_equals_the_composed_group(compose_cfg):
                           ("trainer", "default"), ("loss", "focal_dice"), ("optimizer", "sgd")]:
         composed = compose_cfg([f"{group}={option}"])[group]
         assert OmegaConf.to_container(load_option(group, option)) == OmegaConf.to_container(composed), (group, option)
+
+
+@pytest.mark.parametrize("choice, module_list", [
+    ("Amp", "segtrain.runtime.AMP_CHOICES"), ("MonitorMode", "segtrain.training.early_stopping.MONITOR_MODES"),
+    ("OnNonfinite", "segtrain.training.nonfinite.POLICIES"), ("OnBadLabel", "segtrain.data.masks.ON_BAD_LABEL"),
+    ("Layout", "segtrain.data.LAYOUTS"), ("Strategy", "segtrain.data.class_weights.STRATEGIES"),
+    ("Normalize", "segtrain.data.class_weights.NORMALIZE"), ("Absent", "segtrain.data.class_weights.ABSENT"),
+    ("CountOf", "segtrain.data.class_weights.COUNT"), ("Schedule", "segtrain.training.optim.SCHEDULES"),
+])
+def test_each_choice_of_the_schema_is_the_one_its_module_takes(choice, module_list):
+    """Library modules keep their own tuple (they do not import the config layer); composition must offer exactly it."""
+    import importlib
+
+    from segtrain.config import schema
+
+    module, name = module_list.rsplit(".", 1)
+    assert sorted(member.value for member in getattr(schema, choice)) == sorted(getattr(importlib.import_module(module),
+                                                                                        name))
+

@@ -5,15 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from segtrain.inference import (
-    InferenceOptions,
-    gaussian_importance,
-    infer_batch,
-    labels_of,
-    predict_probs,
-    sliding_window,
-    window_starts,
-)
+from segtrain.inference import (InferenceOptions, gaussian_importance, infer_batch, labels_of, predict_probs,
+                                sliding_window, window_starts)
 from segtrain.models import UNet
 
 
@@ -123,16 +116,6 @@ def test_fp16_logits_of_1e4_give_finite_probabilities():
         probs = predict_probs(_Huge(), image, options)
         assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
         assert torch.all(probs[1] == 1.0) and torch.all(labels_of(probs) == 1)
-
-
-def test_one_channel_models_are_thresholded():
-    probs = torch.tensor([[[0.2, 0.5, 0.9]]])
-    assert labels_of(probs).tolist() == [[0, 1, 1]] and labels_of(probs, 0.6).tolist() == [[0, 0, 1]]
-    model = nn.Conv2d(3, 1, 1).eval()
-    image = _image(20, 20)
-    probs = predict_probs(model, image, InferenceOptions(mode="slide", tile=(8, 8)))
-    with torch.no_grad():
-        torch.testing.assert_close(probs, torch.sigmoid(model(image[None]))[0], rtol=1e-6, atol=1e-7)
 
 
 def test_infer_batch_returns_logits_whose_softmax_is_the_blend():

@@ -6,7 +6,6 @@ import re
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from code_lengths import lengths  # noqa: E402
@@ -32,8 +31,8 @@ def test_the_length_count_sees_a_long_function(tmp_path):
 # The commands: ``python -m segtrain`` (__main__ runs train) and ``python -m segtrain.<command>``.
 COMMANDS = {"__main__": "train", "train": "train", "evaluate": "evaluate", "predict": "predict", "export": "export",
             "calibrate": "calibrate", "stats": "stats"}
-# Root modules that are neither commands nor shared: config -> objects, what every stage runs on, the import fix.
-ROOT_FRAME = {"__init__", "build", "runtime", "compat"}
+# Root modules that are neither commands nor shared: what every stage runs on, the import fix.
+ROOT_FRAME = {"__init__", "runtime", "compat"}
 
 
 def segtrain_imports(path: Path) -> set[str]:
@@ -71,7 +70,7 @@ def group(name: str) -> str:
 
 def test_root_modules_are_commands_the_frame_or_shared_by_two_places(tmp_path):
     """The root does not fill up again: any other module there is imported from two places or more (the root's
-    modules, a folder), else it belongs in a folder."""
+    modules, a folder), else it belongs in a folder (config -> objects is the folder build/)."""
     assert root_rule_breaks(modules()) == []
 
 
@@ -106,7 +105,7 @@ def test_the_rules_see_a_planted_break(tmp_path):
     """Each rule on a small tree: a loose root module used from one place, a command importing a command."""
     package = tmp_path / "segtrain"
     (package / "training").mkdir(parents=True)
-    for name in ("__init__.py", "training/__init__.py", "build.py"):
+    for name in ("__init__.py", "training/__init__.py", "runtime.py"):
         (package / name).write_text("")
     (package / "loose.py").write_text("")
     (package / "shared.py").write_text("")

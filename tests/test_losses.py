@@ -14,21 +14,9 @@ from omegaconf import OmegaConf
 
 import segtrain  # noqa: F401  (makes torchvision importable beside the CPU torch build)
 from segtrain.config import CONFIG_DIR, load_option
-from segtrain.losses import (
-    BinaryCrossEntropyLoss,
-    BinaryDiceLoss,
-    BinaryFocalLoss,
-    CompositeLoss,
-    CrossEntropyLoss,
-    DiceLoss,
-    FocalDiceLoss,
-    FocalLoss,
-    GeneralizedDiceLoss,
-    LovaszSoftmaxLoss,
-    OhemCrossEntropyLoss,
-    TverskyLoss,
-    build_loss,
-)
+from segtrain.losses import (BinaryCrossEntropyLoss, BinaryDiceLoss, BinaryFocalLoss, CompositeLoss, CrossEntropyLoss,
+                             DiceLoss, FocalDiceLoss, FocalLoss, GeneralizedDiceLoss, LovaszSoftmaxLoss,
+                             OhemCrossEntropyLoss, TverskyLoss, build_loss)
 
 IGNORE = 255
 NUM_CLASSES = 4
@@ -469,20 +457,17 @@ def test_build_loss_routes_class_weights_and_ignore_index():
     torch.testing.assert_close(out["loss"], sum(w * out[name] for name, w in loss.loss_weights.items()))
 
 
-def test_build_loss_binary_mode_picks_sigmoid_terms():
-    loss = build_loss({"terms": {"ce": {}, "focal": {"gamma": 1.0, "alpha": 0.5}, "dice": {"loss_weight": 2.0}}},
-                      torch.ones(1), num_classes=1)
-    assert isinstance(loss.terms["ce"], BinaryCrossEntropyLoss)
-    assert isinstance(loss.terms["focal"], BinaryFocalLoss) and loss.terms["focal"].alpha == 0.5
-    assert isinstance(loss.terms["dice"], BinaryDiceLoss) and loss.terms["dice"].ignore_index == IGNORE
-    logits, target = binary_batch()
-    assert torch.isfinite(loss(logits, target)["loss"])
-    with pytest.raises(ValueError, match=r"loss.terms='lovasz' is not a binary \(num_classes=1\) loss term; valid: binary_focal, ce, dice, focal$"):
-        build_loss({"terms": {"lovasz": {}}}, num_classes=1)
+def test_build_loss_takes_two_classes_or_more():
+    """Binary data is two classes (background and foreground); the sigmoid losses are library modules, not terms."""
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2 \(binary data: background and "
+                                         r"foreground\) or None, got 1"):
+        build_loss({"terms": {"ce": {}}}, num_classes=1)
+    with pytest.raises(ValueError, match=r"loss.terms='binary_focal' is not a loss term; valid: ce, dice, focal, gdice"):
+        build_loss({"terms": {"binary_focal": {}}}, num_classes=2)
 
 
 @pytest.mark.parametrize("cfg,kwargs,message", [
-    ({"terms": {"focl": {"loss_weight": 1.0}}}, {}, r"loss.terms='focl' is not a multiclass loss term; valid: binary_focal, ce,"),
+    ({"terms": {"focl": {"loss_weight": 1.0}}}, {}, r"loss.terms='focl' is not a loss term; valid: ce, dice,"),
     ({"terms": {"focal": {"gama": 2.0}}}, {}, r"loss term 'focal' \(FocalLoss\): unknown option 'gama'; valid.*gamma"),
     ({"terms": {"ce": {"ignore_index": 0}}}, {}, r"'ce'.*unknown option 'ignore_index'"),
     ({"terms": {"ce": {}}}, {"class_weights": WEIGHTS, "num_classes": 3}, r"class_weights has 4 entries .* is 3"),
@@ -503,8 +488,6 @@ def test_every_loss_config_builds_and_runs(path):
     logits, target = multiclass_batch()
     out = build_loss(cfg, WEIGHTS, num_classes=NUM_CLASSES)(logits, target)
     assert set(out) == {"loss", *cfg.terms} and torch.isfinite(out["loss"])
-    binary_logits, binary_target = binary_batch()
-    assert torch.isfinite(build_loss(cfg, num_classes=1)(binary_logits, binary_target)["loss"])
     # A term added from the command line with only a multiplier: loss=... +loss.terms.lovasz.loss_weight=0.5
     extended = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["terms.lovasz.loss_weight=0.5"]))
     assert build_loss(extended, WEIGHTS, num_classes=NUM_CLASSES).loss_weights["lovasz"] == 0.5

@@ -79,12 +79,8 @@ def test_flatten_and_table_use_class_names():
 
 
 def test_per_class_and_macro_values_match_torchmetrics():
-    from torchmetrics.classification import (
-        MulticlassF1Score,
-        MulticlassJaccardIndex,
-        MulticlassPrecision,
-        MulticlassRecall,
-    )
+    from torchmetrics.classification import (MulticlassF1Score, MulticlassJaccardIndex, MulticlassPrecision,
+                                             MulticlassRecall)
 
     logits, target = _random_case(1)
     cm = ConfusionMatrix(4)

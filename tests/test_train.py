@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segtrain.build import build_data, build_model, resolve_amp
+from segtrain.build import build_data, build_model
 from segtrain.checkpoint import TrainState, load_checkpoint, load_resumable
 from segtrain.distributed import device_for, parameters_digest
 from segtrain.losses import build_loss
-from segtrain.runtime import NATIVE_BF16_ENV
+from segtrain.runtime import NATIVE_BF16_ENV, resolve_amp
 from segtrain.train import train
 from segtrain.training.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 

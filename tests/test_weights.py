@@ -26,13 +26,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain.config import CONFIG_DIR, load_option
-from segtrain.data.class_weights import (
-    STRATEGIES,
-    ClassStats,
-    compute_class_stats,
-    compute_class_weights,
-    weights_table,
-)
+from segtrain.data.class_weights import (STRATEGIES, ClassStats, compute_class_stats, compute_class_weights,
+                                         weights_table)
 from segtrain.data.scan import counts_cache_file, read_cached_counts
 
 I = 255  # noqa: E741  (ignore_index, short so the masks below stay readable)
@@ -261,9 +256,9 @@ def test_worked_example_effective_num_on_pixels_is_uniform():
         # 1/ln(1.02 + [0.6, 0.35, 0.05]) = 1/ln([1.62, 1.37, 1.07]) = 1/[0.4824261, 0.3148107, 0.0676586]
         ("enet", {}, [2.0728561, 3.1765117, 14.7800765, 0]),
         # 0.1 / (1 - 0.9^[24, 14, 2]) = 0.1 / (1 - [0.0797664, 0.2287679, 0.81])
-        ("effective_num", {"beta": 0.9}, [0.1086681, 0.1296627, 0.5263158, 0]),
-        # 0.1 / (1 - 0.9^[2, 2, 1]) = [0.1/0.19, 0.1/0.19, 0.1/0.1]
-        ("effective_num", {"beta": 0.9, "count": "images"}, [0.5263158, 0.5263158, 1.0, 0]),
+        ("effective_num", {"beta": 0.9, "count": "pixels"}, [0.1086681, 0.1296627, 0.5263158, 0]),
+        # 0.1 / (1 - 0.9^[2, 2, 1]) = [0.1/0.19, 0.1/0.19, 0.1/0.1]; images are the default count
+        ("effective_num", {"beta": 0.9}, [0.5263158, 0.5263158, 1.0, 0]),
         ("manual", {"values": [0.5, 1, 2, 4]}, [0.5, 1, 2, 0]),
         # present values [1, 2, 3] have mean 2; the absent class's 7 is zeroed first
         ("manual", {"values": [1, 2, 3, 7], "normalize": "mean"}, [0.5, 1.0, 1.5, 0]),
@@ -323,7 +318,7 @@ def test_effective_num_warns_when_beta_cannot_balance_pixels(stats):
     present = ClassStats(stats.pixel_count[:3], stats.image_count[:3], stats.present_pixel_count[:3], 40, 3)
     # n = 2 for the rarest class: 1e-5^2 = 1e-10 < 2e-9
     with pytest.warns(UserWarning, match="all weights equal 1 - beta"):
-        w = compute_class_weights(present, "effective_num", beta=1e-5)
+        w = compute_class_weights(present, "effective_num", beta=1e-5, count="pixels")
     assert math.isclose(w[0].item(), w[2].item(), rel_tol=1e-6)
 
 

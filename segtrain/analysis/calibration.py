@@ -24,11 +24,6 @@ from segtrain.distributed import all_reduce_sum
 from segtrain.metrics import class_argmax
 
 
-def two_class(logits: torch.Tensor) -> torch.Tensor:
-    """(N, K, ...) logits with K >= 2; a one-channel sigmoid model's z becomes [0, z] (softmax = [1 - s, s])."""
-    return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
-
-
 class ReliabilityHistogram:
     """Counts and probability sums per reliability bin over a whole split, for top-label and per-class ECE."""
 
@@ -36,8 +31,7 @@ class ReliabilityHistogram:
                  device: torch.device | str | None = None) -> None:
         if not isinstance(bins, int) or bins < 1:
             raise ValueError(f"calibration.bins={bins!r}: expected a whole number >= 1")
-        self.one_channel = num_classes == 1
-        self.num_classes = max(num_classes, 2)  # a one-channel model's two labels
+        self.num_classes = num_classes
         self.bins = bins
         self.ignore_index = ignore_index
         n = bins + 1  # the last bin holds p == 1.0 exactly (bucketize's right edge), as torchmetrics counts it
@@ -60,7 +54,7 @@ class ReliabilityHistogram:
         ``preds``, their arg-max labels (``metrics.class_argmax``) if the caller has them already."""
         if self.boundaries.device != logits.device:
             self._to(logits.device)
-        probs = two_class(logits.float()).softmax(dim=1)  # (N, K, H, W)
+        probs = logits.float().softmax(dim=1)  # (N, K, H, W)
         k, n = probs.shape[1], self.bins + 1
         if k != self.num_classes:
             raise ValueError(f"logits with {k} classes for a histogram of {self.num_classes}")
@@ -119,9 +113,8 @@ class ReliabilityHistogram:
         return float(expected_calibration_error(*self.top_label()))
 
     def class_ece(self) -> torch.Tensor:
-        """(K,) one-vs-rest ECE per class (a one-channel model: its class only); NaN without labelled pixels."""
-        ece = expected_calibration_error(*self.per_class())
-        return ece[1:] if self.one_channel else ece
+        """(K,) one-vs-rest ECE per class; NaN without labelled pixels."""
+        return expected_calibration_error(*self.per_class())
 
 
 def expected_calibration_error(counts: torch.Tensor, observed: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -150,7 +143,7 @@ class PixelSample:
     def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if self.generator is None:
             self.generator = torch.Generator(logits.device).manual_seed(self.seed)
-        logits = two_class(logits.float())
+        logits = logits.float()
         n, k = logits.shape[:2]
         valid = (target != self.ignore_index).flatten(1)  # (N, H*W)
         keys = torch.rand(valid.shape, generator=self.generator, device=logits.device)

@@ -82,3 +82,24 @@ def split_overrides(overrides: list[str], keys: tuple[str, ...] = CHECKPOINT_KEY
     for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         (named if parsed.key_or_group.split(".")[0].lstrip("+~") in keys else others).append(line)
     return named, others
+
+
+def _plain_defaults(schema_class) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(schema_class), enum_to_str=True)
+
+
+def upgrade_saved(saved: DictConfig) -> DictConfig:
+    """A checkpoint's saved config with the keys that today's configs have and older runs' lack, filled once at
+    load with today's defaults (what those runs behaved as): ``inference``, ``report``, ``calibration``,
+    ``decision``, every ``trainer`` and ``dataset`` key, ``model.in_channels`` and ``sync_bn``. Before
+    ``dataset.tta_flips`` existed, the flips a run trained with were the ones test-time augmentation may use."""
+    tree = OmegaConf.to_container(saved)
+    dataset = tree.setdefault("dataset", {})
+    if "tta_flips" not in dataset:
+        augment = dataset.get("augment") or {}
+        dataset["tta_flips"] = [flip for flip, key in (("h", "hflip"), ("v", "vflip")) if augment.get(key)]
+    defaults = {"inference": OmegaConf.load(CONFIG_DIR / "inference" / "default.yaml"),
+                **OmegaConf.load(CONFIG_DIR / "analysis" / "default.yaml"),
+                "trainer": _plain_defaults(schema.TrainerConfig), "dataset": _plain_defaults(schema.DatasetConfig),
+                "model": {"in_channels": 3, "sync_bn": "auto"}}
+    return OmegaConf.merge(OmegaConf.create({k: v for k, v in defaults.items()}), tree)

@@ -129,7 +129,7 @@ def compute_class_weights(
     max_weight: float | None = None,
     absent: str = "zero",
     beta: float = 0.9999,
-    count: str = "pixels",
+    count: str = "images",
     k: float = 1.02,
     values: Sequence[float] | None = None,
     class_names: Sequence[str] | None = None,

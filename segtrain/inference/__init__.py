@@ -5,19 +5,9 @@ graph (``deploy``) and the prediction files (``writers``).
     probs = predict_probs(model, image, InferenceOptions(mode="slide", tile=(512, 512)))   # (K, H, W) float32
 """
 
-from segtrain.inference.windows import (
-    InferenceOptions,
-    as_logits,
-    check_tile,
-    gaussian_importance,
-    infer_batch,
-    labels_of,
-    predict_probs,
-    probabilities_fn,
-    scored_logits,
-    sliding_window,
-    window_starts,
-)
+from segtrain.inference.windows import (InferenceOptions, as_logits, check_tile, gaussian_importance, infer_batch,
+                                        labels_of, predict_probs, probabilities_fn, scored_logits, sliding_window,
+                                        window_starts)
 
 __all__ = ["InferenceOptions", "as_logits", "check_tile", "gaussian_importance", "infer_batch", "labels_of",
            "predict_probs", "probabilities_fn", "scored_logits", "sliding_window", "window_starts"]

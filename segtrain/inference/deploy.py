@@ -8,9 +8,8 @@
 turned back into BatchNorm. With a normalisation table (``input=uint8``) it takes (N, C, H, W)
 uint8 values 0-255 and looks each one up in a (C, 256) float32 table made by the checkpoint's own
 evaluation transform, so the graph normalises exactly as ``segtrain.predict`` does. Heads:
-``logits`` as the model gives them; ``probabilities``, a softmax over classes (sigmoid for a
-one-channel model); ``argmax``, the (N, H, W) class mask (a one-channel model: 1 where the sigmoid
-reaches ``threshold``). The models pad and crop without branching on the input size
+``logits`` as the model gives them; ``probabilities``, a softmax over classes; ``argmax``, the
+(N, H, W) class mask. The models pad and crop without branching on the input size
 (``models.blocks.pad_to_multiple``), so one trace is right at every height and width.
 """
 
@@ -65,12 +64,12 @@ class DeployModel(nn.Module):
     """``model`` with its input normalisation (``lut``, for uint8 input) and output head in one graph."""
 
     def __init__(self, model: nn.Module, head: str = "logits", lut: torch.Tensor | None = None,
-                 threshold: float = 0.5, mask_dtype: str = "uint8") -> None:
+                 mask_dtype: str = "uint8") -> None:
         super().__init__()
         check_choice("head", head, HEADS)
         check_choice("mask_dtype", mask_dtype, tuple(MASK_DTYPES))
         self.model = plain_batchnorm(model).eval()
-        self.head, self.threshold, self.mask_dtype = head, float(threshold), MASK_DTYPES[mask_dtype]
+        self.head, self.mask_dtype = head, MASK_DTYPES[mask_dtype]
         self.uint8 = lut is not None
         if lut is not None:
             # Flat table and per-channel offsets: one gather looks every value up in its channel's row.
@@ -83,9 +82,6 @@ class DeployModel(nn.Module):
         logits = self.model(x)
         if self.head == "logits":
             return logits
-        if logits.shape[1] == 1:
-            probs = torch.sigmoid(logits)
-            return probs if self.head == "probabilities" else (probs[:, 0] >= self.threshold).to(self.mask_dtype)
         if self.head == "probabilities":
             return logits.softmax(dim=1)
         return logits.argmax(dim=1).to(self.mask_dtype)
@@ -144,7 +140,7 @@ def to_onnx(program: torch.export.ExportedProgram, opset: int, output_name: str,
     return onnx_program
 
 
-def metadata(*, class_names: list[str], label_names: list[str], palette: np.ndarray, mean: Sequence[float],
+def metadata(*, class_names: list[str], palette: np.ndarray, mean: Sequence[float],
              std: Sequence[float], net: DeployModel, channels: int, exporter: str, checkpoint: str) -> dict[str, Any]:
     """What a deployment needs to read the file's input and output (strings, numbers and lists)."""
     if net.uint8:
@@ -156,8 +152,8 @@ def metadata(*, class_names: list[str], label_names: list[str], palette: np.ndar
                "argmax": f"(N, H, W) {str(net.mask_dtype).removeprefix('torch.')} label indices"}
     return {
         "segtrain_version": segtrain.__version__, "exporter": exporter, "checkpoint": checkpoint,
-        "class_names": class_names, "label_names": label_names, "palette": palette.tolist(),
+        "class_names": class_names, "label_names": class_names, "palette": palette.tolist(),
         "mean": list(mean), "std": list(std), "input_name": "image", "input_layout": layout,
         "input_dtype": "uint8" if net.uint8 else "float32", "min_size": min_size(net), "head": net.head,
-        "output_name": OUTPUT_NAMES[net.head], "output_layout": outputs[net.head], "threshold": net.threshold,
+        "output_name": OUTPUT_NAMES[net.head], "output_layout": outputs[net.head],
     }

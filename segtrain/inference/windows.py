@@ -2,12 +2,12 @@
 
     options = InferenceOptions(mode="slide", tile=(512, 512), overlap=0.5, flips=("h",))
     probs = predict_probs(model, image, options)   # image (C, H, W) normalised; probs (K, H, W) float32
-    labels = labels_of(probs)                      # (H, W) int64 (a threshold for one-channel models)
+    labels = labels_of(probs)                      # (H, W) int64
 
 Sliding windows follow the usual grid: starts every ``int(tile * (1 - overlap))`` pixels, the
 last window moved back to end at the image edge, so no pixel is dropped and none is padded (an
 image smaller than the tile is one window of its own size: the models pad to their stride
-themselves). Each window's probabilities (softmax, or sigmoid for one channel, always in
+themselves). Each window's probabilities (softmax, always in
 float32, whatever precision the model ran in) are weighted by a Gaussian importance map
 (sigma = tile / 8, peak 1, floored at 1e-3, as nnU-Net and MONAI weight theirs) or by 1
 (``blend="constant"``), summed in one float32 (K, H, W) buffer and divided by the summed weights
@@ -46,7 +46,6 @@ class InferenceOptions:
     flips: tuple[str, ...] = ()  # "h" (left-right), "v" (up-down): each averaged with the unflipped pass
     scales: tuple[float, ...] = (1.0,)
     amp_dtype: torch.dtype | None = None  # autocast dtype of the forward passes
-    threshold: float = 0.5  # one-channel (sigmoid) models: foreground at p >= threshold
 
     def __post_init__(self) -> None:
         check_choice("inference.mode", self.mode, MODES)
@@ -171,7 +170,7 @@ def sliding_window(probs_fn: ProbsFn, image: torch.Tensor, tile: Sequence[int], 
 
 def probabilities_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
                      logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbsFn:
-    """Batch -> float32 softmax (sigmoid for one channel) of ``model``'s logits, computed in float32
+    """Batch -> float32 softmax of ``model``'s logits, computed in float32
     whatever precision the forward pass ran in (fp16 logits of 1e4 give finite probabilities)."""
 
     @torch.no_grad()
@@ -181,7 +180,7 @@ def probabilities_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None = Non
         logits = logits.float()
         if logit_transform is not None:
             logits = logit_transform(logits)
-        return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
+        return logits.softmax(dim=1)
 
     return probs
 
@@ -209,18 +208,13 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, options: Inferenc
     return total / len(options.scales) if len(options.scales) > 1 else total
 
 
-def labels_of(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(H, W) int64 classes of (K, H, W) probabilities; one channel: foreground where p >= threshold."""
-    if probs.shape[0] == 1:
-        return (probs[0] >= threshold).long()
+def labels_of(probs: torch.Tensor) -> torch.Tensor:
+    """(H, W) int64 classes of (K, H, W) probabilities (``metrics.class_argmax``: the one arg-max rule)."""
     return class_argmax(probs[None])[0]
 
 
 def as_logits(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Logits whose softmax (sigmoid for one channel) gives ``probs`` back, for losses and metrics."""
-    if probs.shape[1] == 1:
-        p = probs.clamp(eps, 1 - eps)
-        return torch.log(p) - torch.log1p(-p)
+    """Logits whose softmax gives ``probs`` back, for losses and metrics."""
     return probs.clamp_min(eps).log()
 
 

@@ -9,14 +9,13 @@ turns a configs/loss/*.yaml into a CompositeLoss whose forward returns
 from segtrain.losses.composite import CompositeLoss
 from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLoss, OhemCrossEntropyLoss
 from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
-from segtrain.losses.factory import BINARY_LOSS_REGISTRY, LOSS_REGISTRY, build_loss
+from segtrain.losses.factory import LOSS_REGISTRY, build_loss
 from segtrain.losses.focal import BinaryFocalLoss, FocalLoss
 from segtrain.losses.fused import FocalDiceLoss
 from segtrain.losses.lovasz import LovaszSoftmaxLoss
 from segtrain.losses.tversky import TverskyLoss
 
 __all__ = [
-    "BINARY_LOSS_REGISTRY",
     "LOSS_REGISTRY",
     "BinaryCrossEntropyLoss",
     "BinaryDiceLoss",

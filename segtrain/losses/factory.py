@@ -13,31 +13,23 @@ from torch import nn
 
 from segtrain.errors import choice_message
 from segtrain.losses.composite import CompositeLoss
-from segtrain.losses.cross_entropy import BinaryCrossEntropyLoss, CrossEntropyLoss, OhemCrossEntropyLoss
-from segtrain.losses.dice import BinaryDiceLoss, DiceLoss, GeneralizedDiceLoss
-from segtrain.losses.focal import BinaryFocalLoss, FocalLoss
+from segtrain.losses.cross_entropy import CrossEntropyLoss, OhemCrossEntropyLoss
+from segtrain.losses.dice import DiceLoss, GeneralizedDiceLoss
+from segtrain.losses.focal import FocalLoss
 from segtrain.losses.functional import as_class_weights
 from segtrain.losses.lovasz import LovaszSoftmaxLoss
 from segtrain.losses.tversky import TverskyLoss
 
-# Term name -> class, for multiclass (softmax) models.
+# Term name -> class. Models are softmax models of two classes or more (binary data: background and foreground);
+# the sigmoid losses (BinaryFocalLoss, ...) are library modules for code of one's own, not config terms.
 LOSS_REGISTRY: dict[str, type[nn.Module]] = {
     "ce": CrossEntropyLoss,
     "focal": FocalLoss,
     "dice": DiceLoss,
-    "binary_focal": BinaryFocalLoss,
     "ohem": OhemCrossEntropyLoss,
     "gdice": GeneralizedDiceLoss,
     "tversky": TverskyLoss,
     "lovasz": LovaszSoftmaxLoss,
-}
-# num_classes=1 (one sigmoid channel): the same names pick the sigmoid counterparts, so
-# loss=ce, loss=focal_dice, ... work unchanged for binary datasets.
-BINARY_LOSS_REGISTRY: dict[str, type[nn.Module]] = {
-    "ce": BinaryCrossEntropyLoss,
-    "focal": BinaryFocalLoss,
-    "binary_focal": BinaryFocalLoss,
-    "dice": BinaryDiceLoss,
 }
 # Keys of a term that build_loss reads itself; every other key goes to the constructor.
 TERM_KEYS = ("loss_weight", "use_class_weights")
@@ -56,21 +48,21 @@ def build_loss(
         loss_fn = build_loss(cfg, class_weights, num_classes=5).to(device)
         out = loss_fn(logits, masks)  # {"loss": focal + dice, "focal": ..., "dice": ...}
 
-    Term names are the keys of LOSS_REGISTRY (BINARY_LOSS_REGISTRY when num_classes == 1).
+    Term names are the keys of LOSS_REGISTRY.
     Per term, ``loss_weight`` (default 1.0) scales it in the sum and ``use_class_weights``
     (default true) lets ``class_weights`` reach it when its class takes a ``weight``; every
     other key is a constructor argument. ``ignore_index`` goes to every term. The terms are
     computed as ``CompositeLoss`` does: a focal/CE + Dice pair fused unless ``fuse=False``.
     """
     terms_cfg = _terms_of(loss_cfg)
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2 (binary data: background and foreground) or None, "
+                         f"got {num_classes!r}")
     class_weights = as_class_weights(class_weights)
     if class_weights is not None and num_classes is not None and len(class_weights) != num_classes:
         raise ValueError(f"class_weights has {len(class_weights)} entries but num_classes is {num_classes}")
-    registry = BINARY_LOSS_REGISTRY if num_classes == 1 else LOSS_REGISTRY
     terms = {
-        name: _build_term(str(name), term_cfg, registry, class_weights, num_classes, ignore_index)
+        name: _build_term(str(name), term_cfg, LOSS_REGISTRY, class_weights, num_classes, ignore_index)
         for name, term_cfg in terms_cfg.items()
     }
     return CompositeLoss(terms, fuse=fuse)
@@ -99,12 +91,7 @@ def _build_term(
     ignore_index: int | None,
 ) -> tuple[nn.Module, float]:
     if name not in registry:
-        mode = "binary (num_classes=1)" if registry is BINARY_LOSS_REGISTRY else "multiclass"
-        raise ValueError(choice_message("loss.terms", name, sorted(registry), f"is not a {mode} loss term"))
-    if name == "binary_focal" and num_classes is not None and num_classes > 1:
-        raise ValueError(
-            f"loss term 'binary_focal' needs one-channel logits (num_classes=1), got num_classes={num_classes}"
-        )
+        raise ValueError(choice_message("loss.terms", name, sorted(registry), "is not a loss term"))
     if term_cfg is not None and not isinstance(term_cfg, Mapping):
         raise ValueError(f"loss term {name!r}: expected a mapping of options, got {term_cfg!r}")
     options = dict(term_cfg or {})

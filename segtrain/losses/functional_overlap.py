@@ -11,15 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segtrain.losses.functional import (
-    check_binary,
-    check_multiclass,
-    check_non_negative,
-    float32_math,
-    focal_modulator,
-    safe_divide,
-    valid_and_safe_target,
-)
+from segtrain.losses.functional import (check_binary, check_multiclass, check_non_negative, float32_math,
+                                        focal_modulator, safe_divide, valid_and_safe_target)
 
 __all__ = [
     "binary_dice_loss",

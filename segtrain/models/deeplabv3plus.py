@@ -61,7 +61,7 @@ class DeepLabV3Plus(SegmentationModel):
     to the padded size -- are cropped back to (H, W).
 
     Args:
-        num_classes: output channels; 1 for binary segmentation with a sigmoid loss.
+        num_classes: output channels, one per class (binary data: 2, background and foreground).
         in_channels: input channels; with pretrained weights the first conv's kernel for every
             channel is ``mean(RGB kernels) * 3 / in_channels`` (see ``build_encoder``).
         encoder: a name from ``segtrain.models.ENCODERS``: every one supports output stride 16 and 8, its

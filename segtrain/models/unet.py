@@ -64,7 +64,7 @@ class UNet(SegmentationModel):
     logits are cropped back to (H, W); the output is never interpolated.
 
     Args:
-        num_classes: output channels; 1 for binary segmentation with a sigmoid loss.
+        num_classes: output channels, one per class (binary data: 2, background and foreground).
         in_channels: input channels. With pretrained weights and ``in_channels != 3`` the
             first conv's kernel for every input channel is ``mean(RGB kernels) * 3 /
             in_channels``; without, it is randomly initialised.

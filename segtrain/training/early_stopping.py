@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from segtrain.errors import check_count
 
+MONITOR_MODES = ("max", "min")  # trainer.monitor_mode: whether a larger or a smaller value is better
+
 
 @dataclass(frozen=True)
 class EarlyStopping:
@@ -36,10 +38,10 @@ class EarlyStopping:
                 f"{state.evals_without_progress} evaluations (trainer.early_stopping.patience={self.patience})")
 
 
-def check_early_stopping(es) -> None:
+def check_early_stopping(patience: int | None, min_delta: float) -> None:
     """trainer.early_stopping.patience (null = off, or >= 1) and min_delta (>= 0), before anything runs."""
-    patience, delta = es.patience, es.min_delta
     if patience is not None:
         check_count("trainer.early_stopping.patience", patience, "null (off) or a number of evaluations")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
-        raise ValueError(f"trainer.early_stopping.min_delta={delta!r}: expected a number >= 0, in the metric's units")
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+        raise ValueError(f"trainer.early_stopping.min_delta={min_delta!r}: expected a number >= 0, in the metric's "
+                         "units")

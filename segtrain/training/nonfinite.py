@@ -96,12 +96,12 @@ def roll_back(parts, state: TrainState, snapshot: Snapshot, lr_factor: float, ma
                 parts.scheduler.get_last_lr()[0], state.rollbacks, max_rollbacks)
 
 
-def check_nonfinite_policy(tr) -> None:
+def check_nonfinite_policy(policy: str, max_skipped: int, rollback_lr_factor: float, max_rollbacks: int) -> None:
     """trainer.on_nonfinite and its numbers, before anything runs."""
-    if tr.on_nonfinite not in POLICIES:
-        raise ValueError(f"trainer.on_nonfinite={tr.on_nonfinite!r}: expected one of {', '.join(POLICIES)}")
-    for key in ("max_skipped", "max_rollbacks"):
-        check_count(f"trainer.{key}", tr[key])
-    factor = tr.rollback_lr_factor
+    if policy not in POLICIES:
+        raise ValueError(f"trainer.on_nonfinite={policy!r}: expected one of {', '.join(POLICIES)}")
+    check_count("trainer.max_skipped", max_skipped)
+    check_count("trainer.max_rollbacks", max_rollbacks)
+    factor = rollback_lr_factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         raise ValueError(f"trainer.rollback_lr_factor={factor!r}: expected a number in (0, 1]")

@@ -8,8 +8,8 @@ refusal says who holds it, and a lock left by a process that died is taken over 
     with run_lock(run_dir):      # RunDirLocked when another process holds it
         ...
 
-Taken twice in one process (the Hydra callback before Hydra writes anything in the directory, then ``train``)
-it is held once. Under torchrun only rank 0 takes it: the ranks share the directory.
+Taken twice in one process (``train.RunStart`` before Hydra writes anything in the directory, then ``train``)
+it is held once. Under torchrun only rank 0 takes it (the callers see to it): the ranks share the directory.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
-
-from segtrain import distributed
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".segtrain.lock"
@@ -96,24 +91,3 @@ def run_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         release(run_dir)
-
-
-class RunLockCallback(Callback):
-    """``hydra.callbacks.run_lock``: the lock taken before Hydra writes its files (.hydra/, train.log) into the
-    run directory, so a refused run changes nothing there: it exits with status 1 and the message."""
-
-    def __init__(self) -> None:
-        self.run_dir: Path | None = None
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        if distributed.is_main_process():
-            run_dir = Path(str(config.hydra.run.dir))
-            try:
-                acquire(run_dir)
-            except RunDirLocked as err:  # Hydra turns a callback's exceptions into warnings and runs on
-                raise SystemExit(f"error: {err}") from None
-            self.run_dir = run_dir
-
-    def on_run_end(self, config: Any, **kwargs: Any) -> None:
-        if self.run_dir is not None:
-            release(self.run_dir)

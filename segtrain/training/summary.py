@@ -8,31 +8,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from segtrain import distributed
 
 log = logging.getLogger(__name__)
 
 
-def hparams_of(cfg: DictConfig, amp: torch.dtype | None) -> dict:
-    """The run's main choices, as one row of TensorBoard's HParams table."""
+def hparams_of(config: dict, amp: torch.dtype | None) -> dict:
+    """The run's main choices, as one row of TensorBoard's HParams table; ``config`` is the resolved config as a
+    plain dict."""
+    model, trainer, terms = config["model"], config["trainer"], config["loss"]["terms"]
     params = {
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "encoder": str(cfg.model.get("encoder")),
-        "dataset": cfg.dataset.name,
-        "loss": "+".join(cfg.loss.terms),
-        "weights": cfg.weights.strategy,
-        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
-        "lr": cfg.optimizer.lr,
-        "scheduler": cfg.scheduler.name,
-        "batch_size": cfg.trainer.batch_size,
-        "epochs": cfg.trainer.epochs if cfg.trainer.epochs is not None else -1,  # -1: set in steps
-        "steps": cfg.trainer.get("steps") if cfg.trainer.get("steps") is not None else -1,
+        "model": model["_target_"].rsplit(".", 1)[-1],
+        "encoder": str(model.get("encoder")),
+        "dataset": config["dataset"]["name"],
+        "loss": "+".join(terms),
+        "weights": str(config["weights"]["strategy"]),
+        "optimizer": config["optimizer"]["_target_"].rsplit(".", 1)[-1],
+        "lr": config["optimizer"]["lr"],
+        "scheduler": config["scheduler"]["name"],
+        "batch_size": trainer["batch_size"],
+        "epochs": trainer["epochs"] if trainer["epochs"] is not None else -1,  # -1: set in steps
+        "steps": trainer["steps"] if trainer["steps"] is not None else -1,
         "amp": str(amp).replace("torch.", "") if amp else "none",
-        "seed": cfg.seed,
+        "seed": config["seed"],
     }
-    for term, options in cfg.loss.terms.items():
+    for term, options in terms.items():
         for key, value in (options or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 params[f"loss/{term}/{key}"] = value
@@ -54,15 +55,15 @@ def gather_digests(model: torch.nn.Module) -> list[str]:
     return digests
 
 
-def write_metrics_json(path: Path, cfg: DictConfig, class_names: list[str], stats, class_weights: torch.Tensor,
-                       final: dict[str, float], state, wall_time_s: float, digests: list[str]) -> None:
-    """metrics.json: final and best metrics, the class weights used and the data they came from."""
+def write_metrics_json(path: Path, class_names: list[str], stats, class_weights: torch.Tensor, final: dict[str, float],
+                       state, wall_time_s: float, digests: list[str], strategy: str, monitor: str) -> None:
+    """metrics.json: final and best metrics, the class weights used (by ``strategy``) and the data they came from."""
     summary: dict[str, Any] = {
         "class_names": class_names,
         "class_weights": class_weights.tolist(),
         "class_pixel_share": stats.frequency.tolist(),
-        "weights_strategy": cfg.weights.strategy,
-        "monitor": cfg.trainer.monitor,
+        "weights_strategy": strategy,
+        "monitor": monitor,
         "final": final,
         "best": state.best_metrics,
         "epochs": state.epoch,

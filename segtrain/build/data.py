@@ -1,105 +1,27 @@
-"""Config -> objects: runtime, datasets and loaders, model, loss, optimizer.
-
-Every entry point (training, evaluation, the statistics report, the scripts) composes its objects here, so a
-run, its evaluation and its benchmarks see the same data and model. This and the entry points are the only
-code that reads the config tree; what they build takes plain arguments."""
+"""Config -> data: datasets, their one checked pass, transforms, loaders, the palette of a dataset."""
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
-from segtrain.analysis.calibration import CalibratedModel, LogitCalibration
-from segtrain.checkpoint import SavedModel
-from segtrain.config import CONFIG_DIR, load_option
-from segtrain.config.checks import check_class_count, inference_options
-from segtrain.data import (
-    EpochSampler,
-    FolderDataset,
-    ShardSampler,
-    cityscapes,
-    ensure_synthetic,
-    eval_transform,
-    make_dataset,
-    pad_collate,
-    train_transform,
-)
+from segtrain.build.model import resolve_num_workers
+from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, cityscapes, ensure_synthetic, eval_transform,
+                           make_dataset, pad_collate, train_transform)
 from segtrain.data.class_stats import ClassStats
-from segtrain.data.class_weights import STRATEGIES
 from segtrain.data.palette import parse_palette
 from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
 from segtrain.data.voc import voc_palette
-from segtrain.inference import InferenceOptions
-from segtrain.losses import CompositeLoss, build_loss
-from segtrain.models import registry
-from segtrain.runtime import Runtime, resolve_amp
-from segtrain.training.ema import WeightEma
-from segtrain.training.optim import param_groups
-from segtrain.training.parts import TrainParts
 from segtrain.visualize import class_palette
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- runtime
-
-
-def build_runtime(tr: DictConfig) -> Runtime:
-    """Device (``auto``: CUDA when present; under DDP the local rank's GPU), precision, memory layout."""
-    device = distributed.device_for(tr.device)
-    return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
-
-
-def inference_runtime(cfg: DictConfig) -> tuple[Runtime, InferenceOptions]:
-    """What evaluate and calibrate run a checkpoint on, the same as ``segtrain.predict``: ``trainer.device``, and the
-    precision ``inference.amp`` gives (``checkpoint``: the run's trainer.amp on CUDA, full precision on a CPU, even
-    one whose native bf16 made the run train in bf16), so that the three agree on the same machine."""
-    device = distributed.device_for(cfg.trainer.device)
-    options = inference_options(cfg, device)
-    return Runtime(device, options.amp_dtype, bool(cfg.trainer.get("channels_last", False))), options
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
-def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
-    if num_workers != "auto":
-        return int(num_workers)
-    cores = os.cpu_count() or 1
-    # Training on a small CPU, loader workers steal cores from the convolutions (see
-    # docs/BENCHMARKS.md); a GPU run leaves the cores free for decoding.
-    if device.type == "cpu" and cores <= 4:
-        return 0
-    return min(8, cores)
-
-
-# ---------------------------------------------------------------- tables
-
-
-def weights_column_options() -> dict[str, dict]:
-    """Each strategy's options from its ``configs/weights/<strategy>.yaml``, so the class-weight
-    table's columns show what ``weights=<strategy>`` would give, not bare function defaults."""
-    weights_dir = CONFIG_DIR / "weights"
-    return {name: OmegaConf.to_container(load_option("weights", name), resolve=True)
-            for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
 
 
 # ---------------------------------------------------------------- data
@@ -109,12 +31,12 @@ def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
     """The dataset's colours (its dataset.palette, VOC's or Cityscapes'), else a distinct-colour palette."""
     ds = cfg.dataset
     colours = [tuple(c) for c in class_palette(num_labels).tolist()]
-    if ds.get("palette") is not None:
+    if ds.palette is not None:
         by_class = {cls: colour for colour, cls in parse_palette(ds.palette, ds.num_classes, ds.ignore_index).items()}
         colours = [by_class.get(c, colours[c]) for c in range(num_labels)]
-    elif ds.get("layout") == "voc":
+    elif ds.layout == "voc":
         colours = voc_palette(num_labels)
-    elif ds.get("layout") == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
+    elif ds.layout == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
         colours = list(cityscapes.PALETTE[:num_labels])
     return np.array(colours, dtype=np.uint8)
 
@@ -137,7 +59,7 @@ def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bo
         # Written once, by rank 0 under DDP; the other ranks wait for it here.
         distributed.on_main_then_broadcast(ensure_synthetic, root, ignore_index=ds.ignore_index, write=generate,
                                            **ds.generate)
-    return make_dataset(ds.get("layout", "folder"), root, split, num_classes=ds.num_classes,
+    return make_dataset(ds.layout, root, split, num_classes=ds.num_classes,
                         ignore_index=ds.ignore_index, transform=transform, allow_unpaired=allow_unpaired,
                         **_dataset_options(ds))
 
@@ -152,14 +74,14 @@ def split_counts(dataset: FolderDataset, workers: int = 0) -> np.ndarray:
 
 
 def train_transform_of(ds: DictConfig, class_frequency) -> object:
-    sampling = ds.get("sampling") or {}
+    sampling = ds.sampling
     return train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
-                           rare_crop_p=sampling.get("rare_crop_p") or 0.0, cat_max_ratio=sampling.get("cat_max_ratio"),
+                           rare_crop_p=sampling.rare_crop_p or 0.0, cat_max_ratio=sampling.cat_max_ratio,
                            class_frequency=class_frequency, **OmegaConf.to_container(ds.augment))
 
 
 def eval_transform_of(ds: DictConfig) -> object:
-    return eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index, val_resize=ds.get("val_resize"))
+    return eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index, val_resize=ds.val_resize)
 
 
 def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = True) -> FolderDataset:
@@ -189,7 +111,7 @@ def build_data(ds: DictConfig, workers: int = 0) -> TrainingData:
 
 def _repeat_factors(counts: np.ndarray, ds: DictConfig) -> np.ndarray | None:
     """Per-image repeat factors when ``dataset.sampling.repeat_thresh`` is set, else None."""
-    thresh = (ds.get("sampling") or {}).get("repeat_thresh")
+    thresh = ds.sampling.repeat_thresh
     if thresh is None:
         return None
     factors = image_repeat_factors(counts > 0, thresh)
@@ -239,51 +161,3 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
         collate_fn=PadCollate(ds.ignore_index), drop_last=True, generator=_loader_generator())
     val_loader = eval_loader(data.val_set, ds, workers, pin)
     return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
-
-
-# ---------------------------------------------------------------- model, loss, optimizer
-
-
-def build_model(model_cfg: DictConfig) -> torch.nn.Module:
-    """The model ``model_cfg._target_`` names, with the config's arguments (not ``sync_bn``): a registered class
-    by its name (``segtrain.models.registry``), else through Hydra."""
-    return registry.build_model(OmegaConf.to_container(model_cfg, resolve=True))
-
-
-def model_from_checkpoint(saved: SavedModel, cfg: DictConfig) -> torch.nn.Module:
-    """``cfg.model`` with the checkpoint's weights, on the CPU; with the checkpoint's temperature and bias
-    (``segtrain.calibrate``) on its logits unless ``inference.calibrated=false``."""
-    check_class_count(saved, cfg)
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(saved.weights)
-    except RuntimeError as err:  # torch lists every mismatched tensor; the first lines name enough
-        lines = str(err).splitlines()
-        raise RuntimeError(f"{saved.path}: its weights do not fit the model its config builds "
-                           f"({cfg.model.get('_target_')}): {' '.join(line.strip() for line in lines[:4])}") from err
-    if saved.calibration is None or not OmegaConf.select(cfg, "inference.calibrated", default=True):
-        return model
-    cal = saved.calibration
-    log.info("%s: logits / %.4f + bias %s, fitted on %s (inference.calibrated=false: not)", saved.path,
-             cal["temperature"], [round(b, 4) for b in cal["bias"]], cal["fitted_on"]["name"])
-    return CalibratedModel(model, LogitCalibration(cal["temperature"], cal["bias"]))
-
-
-def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    model = model.to(rt.device)
-    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
-
-
-def build_loss_fn(cfg: DictConfig, class_weights, device: torch.device) -> CompositeLoss:
-    ds = cfg.dataset
-    return build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index).to(device)
-
-
-def build_parts(cfg: DictConfig, model: torch.nn.Module, rt: Runtime, total_steps: int) -> TrainParts:
-    """Optimizer (weight decay on conv/linear weights only), per-step LR schedule, GradScaler (fp16 only), EMA."""
-    optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    ema = cfg.trainer.ema
-    return TrainParts(model, optimizer, scheduler, scaler, ema=None if ema.decay is None else
-                      WeightEma(model, ema.decay, ema.warmup))
