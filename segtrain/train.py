@@ -25,7 +25,7 @@ from segtrain.atomic import NoSpaceLeft
 from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, place_model,
                             resolve_num_workers, seed_everything, weights_column_options)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
-from segtrain.config.options import RunOptions, check_config
+from segtrain.config.options import RunOptions, adopt_encoder_normalisation, check_config
 from segtrain.data.class_weights import compute_class_weights, weights_table
 from segtrain.inference import check_tile
 from segtrain.training.dashboard import TensorBoardLogger
@@ -78,6 +78,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     """
     distributed.init_from_env()
     options = options or check_config(cfg)
+    adopt_encoder_normalisation(cfg)  # before the run's config is written
     distributed.quiet_other_ranks()
     run_dir = Path(distributed.broadcast_object(str(run_dir)))
     with run_lock(run_dir, enabled=distributed.is_main_process()):  # RunDirLocked: another training writes there

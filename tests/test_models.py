@@ -123,7 +123,8 @@ def test_freeze_bn_keeps_running_stats():
 
 
 def test_unknown_encoder_lists_valid_names():
-    with pytest.raises(ValueError, match=r"encoder='resnet19' is unknown; valid: .*resnet18.*convnext_tiny"):
+    with pytest.raises(ValueError, match=r"encoder='resnet19' is unknown \(or timm:<name>, any timm backbone: the timm "
+                                         r"extra\); valid: .*resnet18.*convnext_tiny"):
         UNet(num_classes=3, encoder="resnet19")
 
 

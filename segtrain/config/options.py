@@ -15,6 +15,7 @@ value leaves nothing behind; ``train()`` calls it when no Hydra app did.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +24,19 @@ from omegaconf import DictConfig
 
 from segtrain import distributed
 from segtrain.config.checks import check_monitor, class_names_of
+from segtrain.config.schema import DatasetConfig
 from segtrain.errors import check_count, choice_message
 from segtrain.inference import InferenceOptions
 from segtrain.losses import build_loss
+from segtrain.models.timm_encoder import check_timm_name, is_timm, pretrained_normalisation
 from segtrain.runtime import Runtime, resolve_amp
 from segtrain.training.early_stopping import EarlyStopping, check_early_stopping
 from segtrain.training.ema import check_decay
 from segtrain.training.engine import FitOptions
 from segtrain.training.nonfinite import check_nonfinite_policy
 from segtrain.training.optim import RunLength, run_length
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ def check_config(cfg: DictConfig) -> RunOptions:
     check_count("dataset.num_classes", ds.num_classes, "a number of classes (binary data: 2, background and "
                 "foreground)", minimum=2)
     _check_trainer(tr, ds)
+    if is_timm(cfg.model.get("encoder")):
+        check_timm_name(cfg.model.encoder)  # timm installed, the name known: before the data pass
     class_names = class_names_of(ds)
     analysis = analysis_options(cfg)
     check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis.calibration.bins is not None)
@@ -159,3 +166,26 @@ def check_config(cfg: DictConfig) -> RunOptions:
                                                                          str(tr.monitor_mode), tr.monitor))
     return RunOptions(class_names, runtime, analysis, fit, tr.epochs, tr.steps, tr.max_steps)
 
+
+def adopt_encoder_normalisation(cfg: DictConfig) -> None:
+    """A pretrained timm encoder expects its own input normalisation (timm's ``pretrained_cfg`` mean/std). With
+    ``dataset.mean``/``std`` at segtrain's defaults (ImageNet's), the run takes timm's, written into its config (so
+    evaluate, predict and export use them too); set to anything else, they are kept, with a warning."""
+    model, ds = cfg.model, cfg.dataset
+    if not is_timm(model.get("encoder")) or model.get("encoder_weights") is None:
+        return
+    expected = pretrained_normalisation(model.encoder)
+    if expected is None or _close((ds.mean, ds.std), expected):
+        return
+    default = DatasetConfig()
+    if _close((ds.mean, ds.std), (default.mean, default.std)):
+        log.info("dataset.mean/std: %s and %s, what %s's pretrained weights expect (timm's pretrained_cfg), instead "
+                 "of the ImageNet defaults", *expected, model.encoder)
+        ds.mean, ds.std = expected
+    else:
+        log.warning("dataset.mean=%s, dataset.std=%s kept as set, though %s's pretrained weights expect %s and %s",
+                    list(ds.mean), list(ds.std), model.encoder, *expected)
+
+
+def _close(a, b) -> bool:
+    return all(len(x) == len(y) and all(abs(float(u) - float(v)) < 1e-6 for u, v in zip(x, y)) for x, y in zip(a, b))

@@ -106,8 +106,10 @@ def trace(net: DeployModel, channels: int, size: tuple[int, int]) -> torch.expor
     batch 2 x ``size`` (an example dimension of 1 would be specialised to 1)."""
     if min(size) < min_size(net):
         raise ValueError(f"size={list(size)}: the example input must be at least {min_size(net)} pixels a side")
-    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=min_size(net)),
-            3: torch.export.Dim("width", min=min_size(net))}
+    # Height and width as Dim.DYNAMIC: torch refines their range from the guards a graph needs (timm's ConvNeXt
+    # asks that no level be 1 pixel wide, which a named Dim would reject as a violated constraint).
+    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.DYNAMIC(min=min_size(net)),
+            3: torch.export.Dim.DYNAMIC(min=min_size(net))}
     example = net.example(channels, size, batch=2)
     try:
         with torch.no_grad():

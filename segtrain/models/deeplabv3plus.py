@@ -65,7 +65,7 @@ class DeepLabV3Plus(SegmentationModel):
         in_channels: input channels; with pretrained weights the first conv's kernel for every
             channel is ``mean(RGB kernels) * 3 / in_channels`` (see ``build_encoder``).
         encoder: a name from ``segtrain.models.ENCODERS``: every one supports output stride 16 and 8, its
-            deepest stages dilated (``segtrain.models.dilation``).
+            deepest stages dilated (``segtrain.models.dilation``); or ``"timm:<name>"``, dilated by timm.
         encoder_weights: ``None``, ``"imagenet"`` or a state-dict path (see ``build_encoder``).
         output_stride: 16 (ASPP rates 6, 12, 18) or 8 (rates 12, 24, 36). With resnet50 at
             512x512, 8 costs 2.6x the FLOPs and ~2.8x the CPU training time of 16

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,13 @@ def build_encoder(
     output_stride: 32 (no dilation), or 16/8 where ``encoders_supporting`` lists the encoder.
         The deepest stages trade their stride for dilation (``segtrain.models.dilation``).
     """
+    if isinstance(name, str) and name.startswith("timm:"):
+        from segtrain.models.timm_encoder import build_timm_encoder  # here: that module builds on this one
+
+        return build_timm_encoder(name, in_channels, weights, output_stride)
     if name not in _SPECS:
-        raise ValueError(choice_message("encoder", name, ENCODERS, "is unknown"))
+        raise ValueError(choice_message("encoder", name, ENCODERS, "is unknown (or timm:<name>, any timm "
+                                                                  "backbone: the timm extra)"))
     if in_channels < 1:
         raise ValueError(f"in_channels={in_channels} must be >= 1")
     spec = _SPECS[name]
@@ -157,7 +163,7 @@ def build_encoder(
         loaded_in = state.get(f"{first_conv_name}.weight", torch.empty(0, 3)).shape[1]
         if in_channels != 3 and loaded_in == in_channels:
             _replace_first_conv(model, first_conv_name, in_channels, init_from=None)
-        _load_checked(model, state, source)
+        load_checked(model, state, source)
         if in_channels != loaded_in:
             rgb = model.get_submodule(first_conv_name).weight.detach()
             _replace_first_conv(model, first_conv_name, in_channels, init_from=rgb)
@@ -217,15 +223,27 @@ def _resolve_weights(
         return None, ""
     if weights == "imagenet":
         return _imagenet_state_dict(name)
+    return read_state_file(weights)
+
+
+def read_state_file(weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, its path) of a local weights file: a ``.safetensors`` file, or a torch file holding the state
+    dict itself or under ``state_dict`` / ``model``; a ``module.`` prefix from DDP is stripped."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"encoder_weights={str(weights)!r}: no such file; valid values are null (random "
             "init), 'imagenet', or the path of a state dict file"
         )
-    loaded = torch.load(path, weights_only=True, map_location="cpu")
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # the timm extra brings safetensors
+
+        loaded = load_file(str(path))
+    else:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(loaded).__name__}")
     state = {k.removeprefix("module."): v for k, v in loaded.items()}
@@ -251,10 +269,13 @@ def _imagenet_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, os.path.join(checkpoint_dir, file_name)
 
 
-def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, ignoring head keys; fail naming the bad keys."""
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(_HEAD_PREFIXES)}
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, owner: str | None = None,
+                 ignored: Callable[[str], bool] | None = None) -> None:
+    """Load ``state`` into ``model``, ignoring head keys (``ignored``, else torchvision's fc./classifier.); fail
+    naming the missing, unexpected and wrongly shaped keys."""
+    ignored = ignored or (lambda key: key.startswith(_HEAD_PREFIXES))
+    state = {k: v for k, v in state.items() if not ignored(k)}
+    expected = {k: v for k, v in model.state_dict().items() if not ignored(k)}
     # Pre-2018 torchvision files predate BatchNorm's num_batches_tracked; BN fills it in.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -268,8 +289,6 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         if keys:
             problems.append(f"{len(keys)} {label} keys, first: {', '.join(keys[:5])}")
     if problems:
-        raise RuntimeError(
-            f"encoder weights {source} do not match torchvision's "
-            f"{type(model).__name__}: {'; '.join(problems)}"
-        )
+        owner = owner or f"torchvision's {type(model).__name__}"
+        raise RuntimeError(f"encoder weights {source} do not match {owner}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=False)

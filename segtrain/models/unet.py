@@ -68,7 +68,8 @@ class UNet(SegmentationModel):
         in_channels: input channels. With pretrained weights and ``in_channels != 3`` the
             first conv's kernel for every input channel is ``mean(RGB kernels) * 3 /
             in_channels``; without, it is randomly initialised.
-        encoder: a name from ``segtrain.models.ENCODERS``, or ``None`` for the classic
+        encoder: a name from ``segtrain.models.ENCODERS``, ``"timm:<name>"`` for a timm backbone
+            (``segtrain.models.timm_encoder``), or ``None`` for the classic
             encoder-free U-Net (Ronneberger et al. 2015): 4 downsamplings, widths
             ``base_width * (1, 2, 4, 8, 16)``, padded convs with BatchNorm.
         encoder_weights: ``None``, ``"imagenet"`` or a state-dict path (see
