@@ -40,10 +40,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402, I001
 from torch import nn  # noqa: E402
 
 import segtrain  # noqa: F401, E402  (makes torchvision importable; must precede it)
+import torchvision  # noqa: E402  # isort: skip  (after segtrain, whose shim it needs)
 from segtrain.models import ENCODERS, DeepLabV3Plus, UNet  # noqa: E402
 
 DEFAULT_MODELS = (

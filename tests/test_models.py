@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision  # noqa: E402, I001  (after segtrain: its import shim must run first)
 
 from segtrain.models import ENCODERS, DeepLabV3Plus, UNet, build_encoder, encoders_supporting
 from segtrain.models.blocks import batchnorm_layers, pad_to_multiple
+
+import torchvision  # noqa: E402  # isort: skip  (after segtrain: its import shim must run first)
 
 SMALL_DECODER = (32, 16, 16, 8, 8)
 
