@@ -41,7 +41,8 @@ def write_pairs(root: Path, suffix: str, count: int, size: int) -> None:
     for i in range(count):
         # Smooth colour fields with noise: compresses like a photograph, not like random bytes.
         base = rng.uniform(40, 200, 3)
-        image = base + 40 * np.sin(xx[..., None] / rng.uniform(8, 40) + rng.uniform(0, 6, 3)) + rng.normal(0, 8, (size, size, 3))
+        wave = np.sin(xx[..., None] / rng.uniform(8, 40) + rng.uniform(0, 6, 3))
+        image = base + 40 * wave + rng.normal(0, 8, (size, size, 3))
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(images / f"{i:05d}{suffix}", quality=90)
         Image.fromarray(((xx // 64 + yy // 64 + i) % 3).astype(np.uint8)).save(masks / f"{i:05d}.png")
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.atomic import atomic_write
 from segtrain.config import apply_overrides, override_keys
 from segtrain.config.compose import upgrade_saved
-from segtrain.config.trust import check_file_config
+from segtrain.config.trust import check_file_config, under
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +241,12 @@ class SavedModel:
     def user_gave(self, key: str) -> bool:
         """Whether ``key``'s value comes from the user's overrides (it or a group above it named there), not
         from the file: a dataset root read from a checkpoint is never written to (no data generated there)."""
-        return any(key == named or key.startswith(f"{named}.") for named in self.replaced)
+        return under(key, self.replaced)
 
 
 def _stored_config(path: Path, text: Any, overrides: list[str], replaced: tuple[str, ...]) -> DictConfig:
-    """The checkpoint's config, refused (``config.trust.UntrustedConfig``) when it or its stored command line names code."""
+    """The checkpoint's config, refused (``config.trust.UntrustedConfig``) when it or its stored command line names
+    code."""
     try:
         config = OmegaConf.create(text)
         tree = OmegaConf.to_container(config, resolve=True)

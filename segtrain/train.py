@@ -31,7 +31,7 @@ from segtrain.inference import check_tile
 from segtrain.training.dashboard import TensorBoardLogger
 from segtrain.training.engine import fit
 from segtrain.training.optim import RunLength
-from segtrain.training.run_lock import RunDirLocked, acquire, release, run_lock
+from segtrain.training.run_lock import acquire, release, run_lock
 from segtrain.training.signals import STOPPED_EXIT_CODE, RunStopped, StopSignals
 from segtrain.training.summary import gather_digests, hparams_metrics, hparams_of, write_metrics_json
 
@@ -54,7 +54,7 @@ class RunStart(Callback):
             if distributed.is_main_process():
                 acquire(run_dir)
                 self.run_dir = run_dir
-        except (OSError, ValueError, KeyError, RuntimeError, RunDirLocked) as err:
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # RunDirLocked is a RuntimeError
             raise SystemExit(f"error: {err}") from None
         _started["options"] = options
 

@@ -24,9 +24,6 @@ from segtrain.visualize import class_palette
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- data
-
-
 def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
     """The dataset's colours (its dataset.palette, VOC's or Cityscapes'), else a distinct-colour palette."""
     ds = cfg.dataset
@@ -39,8 +36,6 @@ def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
     elif ds.layout == "cityscapes" and num_labels <= len(cityscapes.PALETTE):
         colours = list(cityscapes.PALETTE[:num_labels])
     return np.array(colours, dtype=np.uint8)
-
-
 
 
 def _dataset_options(ds: DictConfig) -> dict:

@@ -22,7 +22,7 @@ from segtrain.data.class_weights import STRATEGIES
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
 from segtrain.models import registry
-from segtrain.runtime import Runtime, resolve_amp
+from segtrain.runtime import Runtime
 from segtrain.training.ema import WeightEma
 from segtrain.training.optim import param_groups
 from segtrain.training.parts import TrainParts
@@ -31,12 +31,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- runtime
-
-
-def build_runtime(tr: DictConfig) -> Runtime:
-    """Device (``auto``: CUDA when present; under DDP the local rank's GPU), precision, memory layout."""
-    device = distributed.device_for(tr.device)
-    return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
 
 
 def inference_runtime(cfg: DictConfig) -> tuple[Runtime, InferenceOptions]:

@@ -50,7 +50,8 @@ class CheckpointOnSplit:
 
     def read_split(self) -> CheckpointOnSplit:
         ds = self.cfg.dataset
-        self.split = eval_split(ds, ds.split or ds.val_split, self.workers, generate=self.saved.user_gave("dataset.root"))
+        self.split = eval_split(ds, ds.split or ds.val_split, self.workers,
+                                generate=self.saved.user_gave("dataset.root"))
         self.loader = eval_loader(self.split, ds, self.workers)
         self.model = place_model(self.model, self.runtime)
         return self

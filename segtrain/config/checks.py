@@ -34,11 +34,11 @@ def check_class_count(saved: SavedModel, cfg: DictConfig) -> None:
     agree: a checkpoint of 3 classes scored or exported with 4 or 5 names is stopped here, before any pass."""
     outputs = cfg.model.get("num_classes")
     if outputs is not None and outputs < 2:
-        raise ValueError(f"{saved.path}: a model of {outputs} output channel (an earlier segtrain's one-channel sigmoid "
-                         "model): segmentation models here have two classes or more; train the binary task with "
-                         "dataset.num_classes=2 (background and foreground)")
+        raise ValueError(f"{saved.path}: a model of {outputs} output channel (an earlier segtrain's one-channel "
+                         "sigmoid model): segmentation models here have two classes or more; train the binary task "
+                         "with dataset.num_classes=2 (background and foreground)")
     if outputs is not None and outputs != cfg.dataset.num_classes:
-        raise ValueError(f"{saved.path}: the model has {outputs} output channel{'s' if outputs != 1 else ''} "
+        raise ValueError(f"{saved.path}: the model has {outputs} output channels "
                          f"(trained on {', '.join(saved.class_names)}) but dataset.num_classes="
                          f"{cfg.dataset.num_classes}; give a dataset of the model's classes")
     try:

@@ -102,4 +102,4 @@ def upgrade_saved(saved: DictConfig) -> DictConfig:
                 **OmegaConf.load(CONFIG_DIR / "analysis" / "default.yaml"),
                 "trainer": _plain_defaults(schema.TrainerConfig), "dataset": _plain_defaults(schema.DatasetConfig),
                 "model": {"in_channels": 3, "sync_bn": "auto"}}
-    return OmegaConf.merge(OmegaConf.create({k: v for k, v in defaults.items()}), tree)
+    return OmegaConf.merge(OmegaConf.create(defaults), tree)

@@ -99,6 +99,12 @@ def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dt
                             tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype)
 
 
+def build_runtime(tr: DictConfig) -> Runtime:
+    """Device (``auto``: CUDA when present; under DDP the local rank's GPU), precision, memory layout."""
+    device = distributed.device_for(tr.device)
+    return Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
+
+
 def _check_trainer(tr: DictConfig, ds: DictConfig) -> None:
     """Whole numbers >= 1 where composition checks only the type, and the policies' numbers."""
     for key, expected in (("batch_size", "a number of images"), ("grad_accum", "a number of micro-batches"),
@@ -149,10 +155,9 @@ def check_config(cfg: DictConfig) -> RunOptions:
     analysis = analysis_options(cfg)
     check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis.calibration.bins is not None)
     build_loss(cfg.loss, None, num_classes=ds.num_classes, ignore_index=ds.ignore_index)  # the terms' names, options
-    device = distributed.device_for(tr.device)
-    runtime = Runtime(device, resolve_amp(tr.amp, device), tr.channels_last)
+    runtime = build_runtime(tr)
     # Validation predicts as configured in inference.*, in the training run's precision.
-    inference = inference_options(cfg, device, amp_dtype=runtime.amp_dtype)
+    inference = inference_options(cfg, runtime.device, amp_dtype=runtime.amp_dtype)
     early = tr.early_stopping
     fit = FitOptions(
         epochs=0, steps_per_epoch=0, batch_size=tr.batch_size, class_names=class_names, ignore_index=ds.ignore_index,

@@ -54,8 +54,9 @@ def _hydra_keys(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield from _hydra_keys(value, f"{path}.")
 
 
-def _under(path: str, replaced: Iterable[str]) -> bool:
-    return any(path == key or path.startswith(f"{key}.") or path.startswith(f"{key}[") for key in replaced)
+def under(path: str, keys: Iterable[str]) -> bool:
+    """Whether config ``path`` is one of ``keys`` or lies below one (``dataset.root`` under ``dataset``)."""
+    return any(path == key or path.startswith(f"{key}.") or path.startswith(f"{key}[") for key in keys)
 
 
 def _refuse(source: Any, where: str, path: str, value: Any) -> UntrustedConfig:
@@ -73,11 +74,11 @@ def check_file_config(tree: dict, overrides: list[str], source: Any, replaced: I
     checked: the user's overrides replace them."""
     replaced = list(replaced)
     for path, value in _hydra_keys(tree):
-        if not _under(path, replaced) and not _allowed(path, value):
+        if not under(path, replaced) and not _allowed(path, value):
             raise _refuse(source, "its stored config", path, value)
     for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         key = parsed.key_or_group
-        if _under(key, replaced):
+        if under(key, replaced):
             continue
         value = parsed.value()
         named = [(key, value)] if key.rsplit(".", 1)[-1] in HYDRA_KEYS else []

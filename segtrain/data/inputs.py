@@ -1,8 +1,8 @@
 """The images a prediction run reads, and the names its outputs take.
 
 An input is one image file, a folder (searched recursively for the image extensions the
-datasets read, through links to folders too), a glob pattern (``data/new/**/*.png``), or a list file (``.txt``, one path per
-line, relative to the list file's folder; ``#`` starts a comment). Every image gets a key, its
+datasets read, through links to folders too), a glob pattern (``data/new/**/*.png``), or a list
+file (``.txt``, one path per line, relative to the list file's folder; ``#`` starts a comment). Every image gets a key, its
 path relative to the input's base folder without the suffix (``city/frame_01``), and its
 outputs are ``<output>/<key>.png``, ``<output>/<key>_color.png``, ...: sub-folders are kept
 and names match the inputs.

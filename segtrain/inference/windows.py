@@ -71,8 +71,8 @@ def check_tile(options: InferenceOptions, model: torch.nn.Module) -> None:
     once per pixel (a 64x64 image never finishes), and the model pads any smaller window up to its stride anyway."""
     stride = int(getattr(model, "pad_multiple", 1))
     if options.mode == "slide" and min(options.tile) < stride:
-        raise ValueError(f"inference.tile={list(options.tile)}: a window is smaller than the model's stride ({stride}); "
-                         f"expected at least {stride} pixels a side, typically the training crop or 512")
+        raise ValueError(f"inference.tile={list(options.tile)}: a window is smaller than the model's stride "
+                         f"({stride}); expected at least {stride} pixels a side, typically the training crop or 512")
 
 
 def window_starts(size: int, tile: int, overlap: float) -> list[int]:

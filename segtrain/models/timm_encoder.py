@@ -7,8 +7,8 @@ timm builds the backbone itself (``timm.create_model(name, features_only=True, i
 the levels, their channels and strides come from its ``feature_info``, checked by one forward pass of a zero
 image at build time, which also shows that the model runs at an input size other than its own (ViT and
 Swin-style models that fix it, or give every level one stride, are refused here, naming the reason). Families
-whose features come channels last (MambaOut, ...) are turned channels first. Output stride 16 and 8 (DeepLabV3+) are timm's own dilation; a model that cannot is refused with
-the strides it can.
+whose features come channels last (MambaOut, ...) are turned channels first. Output stride 16 and 8 (DeepLabV3+)
+are timm's own dilation; a model that cannot is refused with the strides it can.
 
 Weights: ``imagenet`` is timm's default pretrained tag, downloaded by timm (Hugging Face hub cache); a local
 ``.safetensors`` / ``.pth`` file is loaded by segtrain and checked key by key (timm's own loading of a file
@@ -142,7 +142,8 @@ def _load_file(body: nn.Module, name: str, in_channels: int, weights: str | os.P
     layers features_only leaves out (the head) are the only ones allowed to go unused."""
     timm = _timm()
     state, source = read_state_file(weights)
-    full = set(timm.create_model(name, pretrained=False, in_chans=in_channels).state_dict())
+    with torch.device("meta"):  # the key names only: no weights allocated or initialised
+        full = set(timm.create_model(name, pretrained=False, in_chans=in_channels).state_dict())
     kept = set(body.state_dict())
     head = full - kept
     first = getattr(timm.models.get_pretrained_cfg(name), "first_conv", None)

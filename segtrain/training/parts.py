@@ -1,4 +1,5 @@
-"""``TrainParts``: model, optimizer, schedule, GradScaler, EMA: what an optimizer step changes and a checkpoint holds."""
+"""``TrainParts``: model, optimizer, schedule, GradScaler, EMA: what an optimizer step changes and a checkpoint
+holds."""
 
 from __future__ import annotations
 

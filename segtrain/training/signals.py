@@ -116,4 +116,3 @@ def interrupt_on(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
