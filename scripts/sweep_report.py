@@ -1,6 +1,6 @@
 """Summarise a Hydra multirun of segtrain: one table row per run, per-class Dice bars.
 
-    python scripts/sweep_report.py outputs/multirun/<date>/<time> [--which best] [--extra val/iou/spot]
+    python scripts/sweep_report.py outputs/multirun/<date>/<time> [--which best] [--extra val/iou/spot] [--over seed]
 
 Reads every numbered run directory of the sweep (its ``metrics.json`` and
 ``.hydra/overrides.yaml``) and the sweep's ``multirun.yaml``, then writes ``report.md``
@@ -144,6 +144,32 @@ def markdown_table(runs: list[Run], varying: list[str], columns: list[tuple[str,
     return lines
 
 
+def averaged_table(runs: list[Run], varying: list[str], over: str, columns: list[tuple[str, str]],
+                   precision: int) -> list[str]:
+    """One row per setting: the runs that differ only in ``over`` (e.g. seed) grouped, each column their mean ± the
+    sample standard deviation, and how many runs went in."""
+    rest = [k for k in varying if k != over]
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.ok:
+            groups.setdefault(tuple(run.overrides.get(k, "–") for k in rest), []).append(run)
+    header = [*rest, f"runs ({over})", *(name for name, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(rest) + 1) + ["---:"] * len(columns))
+             + "|"]
+    for setting, members in groups.items():
+        cells = [*setting, f"{len(members)} ({', '.join(m.overrides.get(over, '–') for m in members)})"]
+        for _, key in columns:
+            values = [v for m in members if not math.isnan(v := _number(m.metrics.get(key)))]
+            if not values:
+                cells.append("nan")
+                continue
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+            cells.append(f"{mean:.{precision}f} ± {sd:.{precision}f}" if len(values) > 1 else f"{mean:.{precision}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def class_order(runs: list[Run], class_names: list[str]) -> tuple[list[str], str]:
     """Class names rarest first, and a sentence saying how that order was found."""
     shares = [run.summary["class_pixel_share"] for run in runs
@@ -204,7 +230,7 @@ def plot(path: Path, runs: list[Run], varying: list[str], class_names: list[str]
 
 
 def report(sweep_dir: Path, which: str = "final", extra: list[str] | None = None,
-           precision: int = 4) -> tuple[str, bool]:
+           precision: int = 4, over: str | None = None) -> tuple[str, bool]:
     """Write report.md (and report.png when matplotlib is there); returns the markdown and whether
     the PNG was written."""
     runs = load_runs(sweep_dir, which)
@@ -234,6 +260,13 @@ def report(sweep_dir: Path, which: str = "final", extra: list[str] | None = None
     lines += ["", f"{len(runs)} runs, {len(runs) - len(done)} failed. Metrics of the {section}, val split; "
               "Dice of the hard labels (= F1); bold = best of the column (none when all are equal).", ""]
     lines += markdown_table(runs, varying, columns_of(class_names, extra or []), which, precision)
+    if over is not None:
+        if over not in varying:
+            raise SystemExit(f"--over {over}: not an override that varies between the runs; varying: "
+                             f"{', '.join(varying) or 'none'}")
+        lines += ["", f"Averaged over {over}: mean ± sample standard deviation of the runs that differ only in it.",
+                  ""]
+        lines += averaged_table(runs, varying, over, columns_of(class_names, extra or []), precision)
     failed = [run for run in runs if not run.ok]
     if failed:
         lines += ["", "Failed (no metrics.json): " + ", ".join(str(run.num) for run in failed)
@@ -256,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", action="append", default=[], metavar="KEY",
                         help="another metrics.json key as a column, e.g. val/iou/spot (repeatable)")
     parser.add_argument("--precision", type=int, default=4, help="decimals printed (and compared for bold)")
+    parser.add_argument("--over", metavar="KEY", help="also a table averaged over this override, e.g. seed")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir}: no such directory")
-    text, png = report(args.sweep_dir, args.which, args.extra, args.precision)
+    text, png = report(args.sweep_dir, args.which, args.extra, args.precision, args.over)
     print(text, end="")
     print(f"written: {args.sweep_dir / 'report.md'}" + (f", {args.sweep_dir / 'report.png'}" if png else ""))
     return 0

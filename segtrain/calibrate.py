@@ -13,7 +13,10 @@ confusion matrix as they are and samples ``calibration.max_pixels`` labelled pix
 image, ``calibration.seed``), on which the temperature (LBFGS on the NLL) and the bias (coordinate search,
 ``segtrain.analysis.decision``) are fitted; the second measures them again with the calibration applied. A bias that
 scores lower than none on the whole split (possible only when the sample is smaller than the split) is
-dropped. The numbers printed are those of the split fitted on, optimistic by construction: the checkpoint
+dropped. Multi-label models (``segtrain.analysis.thresholds``): one temperature shared by the channels' sigmoids and,
+with ``decision.tune=true``, a threshold per channel, stored as the bias ``-logit(threshold)`` (and as
+``thresholds``); a channel whose threshold scores lower than 0.5 on the whole split keeps 0.5.
+The numbers printed are those of the split fitted on, optimistic by construction: the checkpoint
 records that split, and ``segtrain.evaluate`` refuses to score it there unless given ``--same-split-ok``.
 """
 
@@ -29,10 +32,12 @@ import torch
 from segtrain.analysis.calibration import (LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature,
                                            fitted_on, nll)
 from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
+from segtrain.analysis.thresholds import (channel_nll, channel_table, fit_shared_temperature, parse_channel_objective,
+                                          thresholds_of, tune_thresholds)
 from segtrain.build import CheckpointOnSplit
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.inference import scored_logits
-from segtrain.metrics import ConfusionMatrix, class_argmax
+from segtrain.metrics import ChannelConfusion, ConfusionMatrix, decide
 
 log = logging.getLogger("segtrain.calibrate")
 USAGE = "usage: python -m segtrain.calibrate checkpoint=<path/to/best.pt> [output=<file>] [key=value ...]"
@@ -51,12 +56,14 @@ def output_path(checkpoint: Path, output: str | None) -> Path:
 
 @torch.no_grad()
 def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None], num_classes: int, ignore_index: int,
-            bins: int, sample: PixelSample | None = None) -> dict[str, tuple[torch.Tensor, ReliabilityHistogram]]:
+            bins: int, sample: PixelSample | None = None, multilabel: bool = False
+            ) -> dict[str, tuple[torch.Tensor, ReliabilityHistogram]]:
     """One pass: {name: (confusion matrix, reliability histogram)} of the model's logits under each calibration
-    (None: as they are); ``sample`` collects the raw logits of its pixels."""
+    (None: as they are); ``sample`` collects the raw logits of its pixels. Multi-label: (C, 2, 2) matrices."""
     model.eval()
-    out = {name: (ConfusionMatrix(num_classes, ignore_index, rt.device),
-                  ReliabilityHistogram(num_classes, bins, ignore_index, rt.device)) for name in calibrations}
+    matrix_of = ChannelConfusion if multilabel else ConfusionMatrix
+    out = {name: (matrix_of(num_classes, ignore_index, rt.device),
+                  ReliabilityHistogram(num_classes, bins, ignore_index, rt.device, multilabel)) for name in calibrations}
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
@@ -66,10 +73,10 @@ def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None],
             sample.add(raw, masks)
         for name, calibration in calibrations.items():
             logits = raw if calibration is None else calibration.to(raw.device)(raw)
-            preds = class_argmax(logits)  # once for both (the histogram would take it again)
+            preds = decide(logits, multilabel)  # once for both (the histogram would take it again)
             matrix, histogram = out[name]
             matrix.update(preds, masks)
-            histogram.update(logits, masks, preds)
+            histogram.update(logits, masks, None if multilabel else preds)
     return {name: (matrix.matrix.cpu(), histogram) for name, (matrix, histogram) in out.items()}
 
 
@@ -77,47 +84,73 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     """Fit and write; returns (the calibrated checkpoint, its ``calibration`` entry)."""
     run = CheckpointOnSplit.open(path, [*overrides, "inference.calibrated=false"])
     saved, ds, rt, options, class_names = run.saved, run.cfg.dataset, run.runtime, run.analysis, run.class_names
+    multilabel = run.inference.multilabel
     target = output_path(saved.path, output)
-    objective = parse_objective(options.decision.objective, class_names) if options.decision.tune else None
+    parse = parse_channel_objective if multilabel else parse_objective
+    objective = parse(options.decision.objective, class_names) if options.decision.tune else None
     split, loader, model = run.read_split().split, run.loader, run.model
     bins = options.calibration.bins or 15
     per_image = max(1, math.ceil(options.calibration.max_pixels / len(split)))
     sample = PixelSample(per_image, ds.ignore_index, options.calibration.seed)
     log.info("%s on %s (%d images): pass 1, sampling up to %d labelled pixels per image", saved.path,
              fitted_on(split)["name"], len(split), per_image)
-    before = measure(model, loader, rt, {"none": None}, ds.num_classes, ds.ignore_index, bins, sample)["none"]
+    before = measure(model, loader, rt, {"none": None}, ds.num_classes, ds.ignore_index, bins, sample,
+                     multilabel)["none"]
     logits, labels = sample.tensors()
-    temperature = fit_temperature(logits, labels)
+    temperature = (fit_shared_temperature if multilabel else fit_temperature)(logits, labels)
     if not 0.1 <= temperature <= 10:
         log.warning("temperature %.4g, far from 1: the model's logits carry little of what the labels say (a model "
                     "that has barely trained?); the bias, if tuned, acts on logits divided by it", temperature)
     k = logits.shape[1]
     bias = torch.zeros(k)
     if objective is not None:
-        bias, start, best = tune_bias(logits / temperature, labels, objective)
+        bias, start, best = (tune_thresholds if multilabel else tune_bias)(logits / temperature, labels, objective)
         log.info("bias %s: %s %.4f -> %.4f on the %d sampled pixels", [round(b, 3) for b in bias.tolist()],
                  objective.text, start, best, len(labels))
     calibrations = {"temperature": LogitCalibration(temperature, torch.zeros(k)),
                     "calibrated": LogitCalibration(temperature, bias)}
-    after = measure(model, loader, rt, calibrations, ds.num_classes, ds.ignore_index, bins)
-    if objective is not None and float(objective(after["calibrated"][0])) < float(objective(before[0])):
+    after = measure(model, loader, rt, calibrations, ds.num_classes, ds.ignore_index, bins, multilabel=multilabel)
+    loss = channel_nll if multilabel else nll
+    if multilabel and objective is not None:
+        bias = _keep_thresholds_that_help(bias, objective, after["temperature"][0], after["calibrated"][0],
+                                          class_names)
+    elif objective is not None and float(objective(after["calibrated"][0])) < float(objective(before[0])):
         log.warning("the bias lowers %s on the whole split (the sample was smaller than it): dropped", objective.text)
         bias = torch.zeros(k)
         after["calibrated"] = after["temperature"]
     entry = {
         "temperature": temperature, "bias": [float(b) for b in bias], "fitted_on": fitted_on(split),
         "objective": objective.text if objective is not None else None, "pixels": int(len(labels)),
-        "nll": [nll(logits, labels), nll(logits, labels, temperature)],
+        "nll": [loss(logits, labels), loss(logits, labels, temperature)],
         "ece": [before[1].ece(), after["temperature"][1].ece()],
         "class_ece": [before[1].class_ece().tolist(), after["temperature"][1].class_ece().tolist()],
         "objective_value": [float(objective(before[0])), float(objective(after["calibrated"][0]))]
         if objective is not None else None,
     }
+    if multilabel:  # the bias as what it is: each channel's threshold on its temperature-scaled probability
+        entry.update(multilabel=True, thresholds=thresholds_of(bias))
     ckpt = load_checkpoint(saved.path)
     ckpt["calibration"] = entry
     save_checkpoint(ckpt, target)
     _print_summary(entry, before[0], after["calibrated"][0], class_names, target)
     return target, entry
+
+
+def _keep_thresholds_that_help(bias: torch.Tensor, objective, before: torch.Tensor, after: torch.Tensor,
+                               class_names: list[str]) -> torch.Tensor:
+    """Multi-label: a channel whose tuned threshold scores lower than 0.5 on the whole split (possible only when the
+    sample was smaller than it) goes back to 0.5; ``before`` (C, 2, 2) is the split under the temperature alone,
+    ``after`` with the thresholds too, updated to match. Channels are decided apart, so one channel's reset changes
+    no other's counts."""
+    bias = bias.clone()
+    for c in objective.channels:
+        score = objective.per_channel[c]
+        if float(score(after[c])) < float(score(before[c])):
+            log.warning("the threshold of %s lowers %s on the whole split (the sample was smaller than it): back to "
+                        "0.5", class_names[c], objective.text)
+            bias[c] = 0.0
+            after[c] = before[c]
+    return bias
 
 
 def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, class_names: list[str],
@@ -128,7 +161,12 @@ def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, class
           f"top-label ECE {entry['ece'][0]:.4f} -> {entry['ece'][1]:.4f} (whole split)")
     for name, b, a in zip(class_names, *entry["class_ece"]):
         print(f"  ECE {name}: {b:.4f} -> {a:.4f}")
-    if entry["objective"] is not None:
+    if entry["objective"] is not None and entry.get("multilabel"):
+        print(f"thresholds {[round(t, 4) for t in entry['thresholds']]} (on the temperature-scaled probability; "
+              f"0.5 = untuned): {entry['objective']} {entry['objective_value'][0]:.4f} -> "
+              f"{entry['objective_value'][1]:.4f} (whole split)")
+        print(channel_table(before, after, class_names, entry["thresholds"]))
+    elif entry["objective"] is not None:
         bias = entry["bias"]
         print(f"bias {[round(b, 4) for b in bias]}: {entry['objective']} {entry['objective_value'][0]:.4f} -> "
               f"{entry['objective_value'][1]:.4f} (whole split)")

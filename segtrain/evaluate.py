@@ -69,7 +69,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, sa
     check_held_out(saved, cfg, run.split, same_split_ok)
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
     result = evaluate(run.model, run.loader, loss_fn, rt, ds.num_classes, ds.ignore_index, inference=run.inference,
-                      per_image=report, calibration_bins=options.calibration.bins)
+                      per_image=report, calibration_bins=options.calibration.bins,
+                      multilabel=run.inference.multilabel)
     if report:
         write_report(report_dir(saved, cfg, run.split, options.report.dir), run.model, run.split, result.per_image,
                      run.class_names, options.report.worst_k, rt, run.inference, ds.mean, ds.std, ds.ignore_index)
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loss {metrics['loss']:.4f}")
     if "ece" in metrics:
         per_class = ", ".join(f"{n} {v:.4f}" for n, v in zip(class_names, metrics["class_ece"].tolist()))
-        print(f"ECE {metrics['ece']:.4f} (top label); per class: {per_class}")
+        print(f"ECE {metrics['ece']:.4f} (top label; multi-label: every channel's entries pooled); per class: "
+              f"{per_class}")
     print("metrics: " + json.dumps(flatten_metrics(metrics, class_names, "val")))
     return 0
 

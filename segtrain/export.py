@@ -41,7 +41,7 @@ from segtrain.atomic import atomic_write, atomic_write_serialized
 from segtrain.build import model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides, tensor_bytes
 from segtrain.config import compose_config, split_overrides
-from segtrain.config.checks import class_names_of
+from segtrain.config.checks import class_names_of, is_multilabel
 from segtrain.errors import check_choice
 from segtrain.inference.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
                                        require_onnx, to_onnx, trace)
@@ -92,8 +92,13 @@ class Check:
                 f"-- {'ok' if self.ok else 'FAILED'}")
 
 
-def _labels(output: torch.Tensor, head: str) -> torch.Tensor:
-    return output.long() if head == "argmax" else class_argmax(output)
+def _labels(output: torch.Tensor, net: DeployModel) -> torch.Tensor:
+    """The classes of an output (multi-label: the per-channel decisions)."""
+    if net.head == "argmax":
+        return output.long()
+    if net.multilabel:
+        return (output if net.head == "probabilities" else output.float().sigmoid()) > 0.5
+    return class_argmax(output)
 
 
 def compare(reference: torch.Tensor, got: torch.Tensor, net: DeployModel, rtol: float, atol: float,
@@ -101,7 +106,7 @@ def compare(reference: torch.Tensor, got: torch.Tensor, net: DeployModel, rtol: 
     """The file's output ``got`` against PyTorch's ``reference``: values (not for a mask) and classes."""
     if tuple(got.shape) != tuple(reference.shape):
         return Check(tuple(reference.shape), float("inf"), float("inf"), 1.0, False)
-    mismatch = (_labels(got, net.head) != _labels(reference, net.head)).float().mean()
+    mismatch = (_labels(got, net) != _labels(reference, net)).float().mean()
     max_abs = max_rel = None
     close = True
     if net.head != "argmax":
@@ -182,7 +187,7 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
         log.warning("dataset.val_resize=%s is not part of the exported graph, which runs the model at the "
                     "input's own size: resize or pad before calling it, as segtrain.predict does", ds.val_resize)
     lut = normalisation_lut(ds.mean, ds.std) if ecfg.input == "uint8" else None
-    net = DeployModel(model_from_checkpoint(saved, cfg), ecfg.head, lut, ecfg.mask_dtype)
+    net = DeployModel(model_from_checkpoint(saved, cfg), ecfg.head, lut, ecfg.mask_dtype, is_multilabel(ds))
     if min(*size, *verify_size) < min_size(net):
         raise ValueError(f"size={list(size)}, verify_size={list(verify_size)}: both must be at least "
                          f"{min_size(net)} pixels a side for this model (its stride + 1)")
@@ -199,6 +204,8 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
                     mean=ds.mean, std=ds.std, net=net, channels=channels, exporter=exporter, checkpoint=str(saved.path))
     if isinstance(net.model, CalibratedModel):  # logits / temperature + bias are part of the graph
         meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}
+        if net.multilabel:  # each channel's bias is its tuned threshold on the temperature-scaled probability
+            meta["calibration"]["thresholds"] = saved.calibration.get("thresholds")
     if not ecfg.verify:
         write_files(program, ecfg, meta, path, path)
         log.info("wrote %s, not verified (verify=false)", path)

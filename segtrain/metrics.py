@@ -22,6 +22,19 @@ def class_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=1).indices
 
 
+def channel_decisions(logits: torch.Tensor) -> torch.Tensor:
+    """Multi-label: (N, C, H, W) bool, present where the float32 sigmoid of the logit is > 0.5 per channel:
+    torchmetrics' rule, and what predict (which blends probabilities) and an exported mask head decide, to the
+    last pixel (a logit within ~1e-7 of 0 rounds to p = 0.5: absent). A tuned per-channel threshold reaches this
+    rule as a calibration bias (``segtrain.analysis.thresholds``)."""
+    return logits.float().sigmoid() > 0.5
+
+
+def decide(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """The prediction of logits: arg-max labels (N, H, W), or per-channel decisions (N, C, H, W) when multi-label."""
+    return channel_decisions(logits) if multilabel else class_argmax(logits)
+
+
 class ConfusionMatrix:
     """A (C, C) count matrix on the model's device; rows = true class, columns = predicted.
 
@@ -70,6 +83,59 @@ class ConfusionMatrix:
         }
 
 
+class ChannelConfusion:
+    """Multi-label: one 2x2 count matrix per channel, (C, 2, 2) on the model's device, rows = truth (absent,
+    present), columns = prediction; ignored (pixel, channel) entries count nowhere. The same interface as
+    ``ConfusionMatrix``: ``update`` (one bincount, no host sync), ``all_reduce``, ``compute``."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, 2, 2), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds_or_logits``: logits (N, C, H, W) (decided here) or decisions (N, C, H, W) bool; ``target``
+        (N, C, H, W) of 0, 1 and ``ignore_index``."""
+        preds = preds_or_logits if preds_or_logits.dtype == torch.bool else channel_decisions(preds_or_logits)
+        if preds.shape != target.shape or target.dim() < 2 or target.shape[1] != self.num_classes:
+            raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} must both be "
+                             f"(N, {self.num_classes}, H, W)")
+        if self.matrix.device != target.device:
+            self.matrix = self.matrix.to(target.device)
+        self.matrix += channel_counts(preds, target, self.ignore_index).sum(0)
+
+    def all_reduce(self) -> None:
+        all_reduce_sum(self.matrix)
+
+    def compute(self) -> dict[str, torch.Tensor | float]:
+        """Per channel ``iou``, ``dice``, ``precision``, ``recall`` of its present class (NaN where undefined), their
+        means ``mIoU``, ``mDice`` over the channels, and ``pixel_acc``: the share of right decisions over every
+        valid (pixel, channel) entry."""
+        m = self.matrix.double().cpu()
+        scores = channel_scores(m)
+        total = m.sum()
+        return {
+            **scores,
+            "mIoU": float(scores["iou"].nanmean()),
+            "mDice": float(scores["dice"].nanmean()),
+            "pixel_acc": float(m.diagonal(dim1=-2, dim2=-1).sum() / total) if total > 0 else math.nan,
+        }
+
+
+def channel_counts(preds: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """(N, C, 2, 2) int64 counts per image and channel of decisions ``preds`` (N, C, H, W) against ``target``."""
+    n, c = target.shape[:2]
+    base = (torch.arange(n * c, device=target.device) * 4).view(n, c, *([1] * (target.dim() - 2)))
+    index = torch.where(target != ignore_index, base + (target == 1).long() * 2 + preds.long(), n * c * 4)
+    return torch.bincount(index.flatten(), minlength=n * c * 4 + 1)[: n * c * 4].view(n, c, 2, 2)
+
+
+def channel_scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``class_scores`` of (..., C, 2, 2) per-channel matrices: the scores of each channel's present class."""
+    return {key: value[..., 1] for key, value in class_scores(matrices).items()}
+
+
 def class_scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-class ``iou``, ``dice``, ``precision``, ``recall`` (float64, NaN where the denominator is 0) of
     (..., C, C) confusion matrices, rows = true class: one matrix, a batch of images, a grid of decisions."""
@@ -94,14 +160,30 @@ class SoftDiceTracker:
     whole interval rather than a mean of per-batch ratios, and reading it is the only sync.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, multilabel: bool = False) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.multilabel = multilabel  # sigmoid probabilities against (N, C, H, W) targets
         self.intersection: torch.Tensor | None = None
         self.cardinality: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        inter, card = self._channel_sums(logits, target) if self.multilabel else self._class_sums(logits, target)
+        if self.intersection is None:
+            self.intersection, self.cardinality = inter, card
+        else:
+            self.intersection += inter
+            self.cardinality += card
+
+    def _channel_sums(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = (target != self.ignore_index).float()
+        probs = logits.float().sigmoid() * valid
+        truth = (target == 1).float()
+        dims = [0, *range(2, target.dim())]
+        return (probs * truth).sum(dims), probs.sum(dims) + truth.sum(dims)
+
+    def _class_sums(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # No one-hot tensor and no boolean indexing: ignored pixels go to an extra bin C that
         # is dropped, which keeps this cheap next to a training step (docs/BENCHMARKS.md).
         num_classes = self.num_classes
@@ -112,11 +194,7 @@ class SoftDiceTracker:
         inter = probs.new_zeros(num_classes + 1).scatter_add_(0, labels.flatten(), p_true.flatten())[:num_classes]
         card = torch.einsum("nchw,nhw->c", probs, valid.float())  # sum(p) over valid pixels, (C,)
         card = card + torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes]  # + sum(g)
-        if self.intersection is None:
-            self.intersection, self.cardinality = inter, card
-        else:
-            self.intersection += inter
-            self.cardinality += card
+        return inter, card
 
     def compute_and_reset(self) -> torch.Tensor:
         """(C,) float64 on the CPU; NaN for a class absent from targets and predictions alike."""

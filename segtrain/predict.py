@@ -41,7 +41,7 @@ from segtrain.data.folder import read_image
 from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
 from segtrain.errors import check_choice
 from segtrain.inference import InferenceOptions, check_tile, labels_of, predict_probs
-from segtrain.inference.writers import PredictionWriter
+from segtrain.inference.writers import MultilabelWriter, PredictionWriter
 from segtrain.training.signals import STOPPED_EXIT_CODE, StopSignals
 
 log = logging.getLogger("segtrain.predict")
@@ -85,8 +85,14 @@ class Predictor:
                 probs = probs[:, :height, :width]
         return probs
 
+    @property
+    def multilabel(self) -> bool:
+        return self.options.multilabel
+
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
-        return labels_of(probs)
+        """(H, W) class indices, or a multi-label model's (C, H, W) decisions: probability > 0.5 (a calibrated
+        checkpoint's tuned thresholds are in its bias, which the probabilities already hold)."""
+        return probs > 0.5 if self.multilabel else labels_of(probs)
 
 
 @dataclass
@@ -95,7 +101,8 @@ class Summary:
     skipped: int = 0  # unreadable or wrong images, named in the log
     existing: int = 0  # outputs already there (save.skip_existing)
     seconds: float = 0.0
-    pixels: np.ndarray | None = None  # per predicted label
+    pixels: np.ndarray | None = None  # per predicted label (multi-label: per channel, its present pixels)
+    image_pixels: int = 0  # of the predicted images
     stopped: str | None = None  # the signal that stopped the run between two images
 
     def line(self, output: Path) -> str:
@@ -116,7 +123,8 @@ def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
     on_error = ("stop" if single else "skip") if pcfg.on_error == "auto" else pcfg.on_error
     kinds = [kind for kind in ("color", "overlay", "probabilities") if pcfg.save.get(kind)]
     names = predictor.class_names
-    writer = PredictionWriter(output, names, palette_for(predictor.cfg, len(names)), kinds)
+    writer = (MultilabelWriter if predictor.multilabel else PredictionWriter)(
+        output, names, palette_for(predictor.cfg, len(names)), kinds)
     writer.check_names((item.key, item.path) for item in images)
     writer.write_legend()
     summary = Summary(pixels=np.zeros(len(names), dtype=np.int64))
@@ -149,12 +157,18 @@ def _predict_one(predictor: Predictor, writer: PredictionWriter, item, pcfg: Dic
     probs = predictor(image)
     labels = predictor.labels(probs).cpu().numpy()
     writer.write(item.key, image, labels, probs.cpu().numpy() if "probabilities" in writer.kinds else None)
-    summary.pixels += np.bincount(labels.ravel(), minlength=len(summary.pixels))[: len(summary.pixels)]
+    summary.image_pixels += labels.shape[-2] * labels.shape[-1]
+    if labels.ndim == 3:  # multi-label: each channel's present pixels
+        summary.pixels += labels.reshape(len(labels), -1).sum(1)
+    else:
+        summary.pixels += np.bincount(labels.ravel(), minlength=len(summary.pixels))[: len(summary.pixels)]
     summary.predicted += 1
 
 
-def _share_table(names: list[str], pixels: np.ndarray) -> str:
-    total = max(int(pixels.sum()), 1)
+def _share_table(names: list[str], pixels: np.ndarray, image_pixels: int) -> str:
+    """Each class's pixels and their share of the images' pixels (multi-label channels overlap: shares add up to
+    more than 100% where they do)."""
+    total = max(image_pixels, 1)
     width = max(len("class"), *(len(n) for n in names))
     return "\n".join([f"{'class':<{width}}  {'pixels':>12}  {'share':>7}"] +
                      [f"{n:<{width}}  {int(p):>12}  {p / total:>7.2%}" for n, p in zip(names, pixels)])
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.line(Path(pcfg.output)))
     if summary.predicted:
-        print("predicted pixels per class:\n" + _share_table(predictor.class_names, summary.pixels))
+        print("predicted pixels per class:\n" + _share_table(predictor.class_names, summary.pixels, summary.image_pixels))
     return STOPPED_EXIT_CODE if summary.stopped else 1 if summary.skipped else 0
 
 

@@ -29,11 +29,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
 from segtrain import distributed
-from segtrain.build import dataset_split, resolve_num_workers, weights_column_options
+from segtrain.build import class_weights_of, dataset_split, resolve_num_workers, stats_of
 from segtrain.config import CONFIG_DIR
 from segtrain.config.checks import class_names_of
-from segtrain.data.class_stats import ClassStats
-from segtrain.data.class_weights import compute_class_weights, weights_table
 from segtrain.data.scan import counts_cache_file, image_class_counts, read_cached_counts
 
 # A report has no run directory: Hydra's files would otherwise land in a fresh
@@ -62,35 +60,37 @@ def class_stats_report(cfg: DictConfig) -> str:
     class_names = class_names_of(ds)
     train_set = dataset_split(ds, ds.train_split)
     num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
-    cache_file = counts_cache_file(train_set, ds.num_classes, ds.ignore_index)
+    width = ds.num_classes * (2 if train_set.multilabel else 1)  # multi-label: positive and valid pixels per channel
+    cache_file = counts_cache_file(train_set, width, ds.ignore_index)
 
-    counts = read_cached_counts(train_set, ds.num_classes, ds.ignore_index)
+    counts = read_cached_counts(train_set, width, ds.ignore_index)
     if counts is not None:
-        stats = ClassStats.from_counts(counts)
+        stats = stats_of(train_set, counts)
         origin = f"cached: read from {cache_file}, no mask decoded"
     else:
         start = time.perf_counter()
-        stats = ClassStats.from_counts(image_class_counts(train_set, ds.num_classes, ds.ignore_index, num_workers))
+        stats = stats_of(train_set, image_class_counts(train_set, width, ds.ignore_index, num_workers))
         seconds = time.perf_counter() - start
         where = f"saved to {cache_file}" if cache_file.is_file() else f"could not write the cache {cache_file}"
         origin = f"computed over {stats.num_images} masks in {seconds:.2f} s ({num_workers} workers); {where}"
 
     weights_cfg = OmegaConf.to_container(cfg.weights, resolve=True)
-    used = compute_class_weights(stats, class_names=class_names, **weights_cfg)
+    used, table = class_weights_of(stats, weights_cfg, class_names)
     strategy = weights_cfg["strategy"]
-    table = weights_table(stats, class_names, strategy, weights=used, column_options=weights_column_options())
     settings = ", ".join(f"{key}={'null' if value is None else value}"
                          for key, value in weights_cfg.items() if key != "strategy")
     values = ",".join(f"{w:.6g}" for w in used.tolist())
+    kind = "multi-label channels (one sigmoid each)" if train_set.multilabel else "classes"
     return "\n".join([
         f"dataset {ds.name}: {train_set.root}, split '{train_set.split}', {len(train_set)} images, "
-        f"{ds.num_classes} classes, ignore_index {ds.ignore_index}",
+        f"{ds.num_classes} {kind}, ignore_index {ds.ignore_index}",
         f"class statistics {origin}",
         "",
         table,
         "",
         f"used: weights={strategy} ({settings}), after normalize and max_weight",
-        "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
+        "multi-label: each channel's weight is its positive-class weight (pos_weight of its sigmoid)"
+        if train_set.multilabel else "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
         f"to freeze them: weights=manual 'weights.values=[{values}]'",
     ])
 

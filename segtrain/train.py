@@ -22,11 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain import distributed
 from segtrain.analysis.hard_cases import write_report
 from segtrain.atomic import NoSpaceLeft
-from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, place_model,
-                            resolve_num_workers, seed_everything, weights_column_options)
+from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, class_weights_of,
+                            place_model, resolve_num_workers, seed_everything)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.config.options import RunOptions, adopt_encoder_normalisation, check_config
-from segtrain.data.class_weights import compute_class_weights, weights_table
 from segtrain.inference import check_tile
 from segtrain.training.dashboard import TensorBoardLogger
 from segtrain.training.engine import fit
@@ -98,9 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options:
     tr, ds, rt, class_names = cfg.trainer, cfg.dataset, options.runtime, options.class_names
     seed_everything(cfg.seed, tr.deterministic)
     data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
-    class_weights = compute_class_weights(data.stats, class_names=class_names, **cfg.weights)
-    table = weights_table(data.stats, class_names, cfg.weights.strategy, weights=class_weights,
-                          column_options=weights_column_options())
+    class_weights, table = class_weights_of(data.stats, cfg.weights, class_names)
     log.info("class statistics of %s/%s (%d images):\n%s", data.train_set.root, data.train_set.split,
              data.stats.num_images, table)
     train_loader, val_loader, steps_per_epoch = build_loaders(data, cfg, rt.device)

@@ -76,14 +76,43 @@ def _grow(img: Image.Image, extra: int) -> Image.Image:
     return bigger
 
 
+def channel_colours(layers: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-label: ((H, W, 3) float64 colours, (H, W) bool covered) of (C, H, W) boolean layers; a pixel in several
+    channels takes the mean of their colours."""
+    layers = np.asarray(layers, dtype=bool)
+    count = layers.sum(0)
+    colours = np.tensordot(np.moveaxis(layers, 0, -1).astype(np.float64), palette[: len(layers)].astype(np.float64),
+                           axes=1)
+    return colours / np.maximum(count, 1)[..., None], count > 0
+
+
+def channel_overlay(image: np.ndarray, layers: np.ndarray, palette: np.ndarray, alpha: float = 0.55,
+                    ignored: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: every channel of ``layers`` (C, H, W) over ``image`` in its colour; ``ignored`` (H, W)
+    pixels white."""
+    colours, covered = channel_colours(layers, palette)
+    out = image.astype(np.float64)
+    out[covered] = alpha * colours[covered] + (1 - alpha) * out[covered]
+    if ignored is not None:
+        out[ignored] = IGNORE_COLOUR
+    return out.round().astype(np.uint8)
+
+
 def overlay_panel(image: np.ndarray, target: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
                   ignore_index: int = 255, alpha: float = 0.55, min_side: int = 192) -> np.ndarray:
-    """image | ground truth over the image | prediction over the image, with a colour legend."""
+    """image | ground truth over the image | prediction over the image, with a colour legend. Multi-label
+    targets and decisions (C, H, W): every channel in its colour, overlaps mixed, pixels ignored in every
+    channel white."""
     palette = class_palette(len(class_names))
-    gt = colorize(target, palette, ignore_index)
-    pr = colorize(pred, palette, ignore_index=-1)
-    blend = lambda colours: (alpha * colours + (1 - alpha) * image).astype(np.uint8)  # noqa: E731
-    row = np.concatenate([image, blend(gt), blend(pr)], axis=1)  # (H, 3W, 3)
+    if target.ndim == 3:
+        ignored = (target == ignore_index).all(0)
+        row = np.concatenate([image, channel_overlay(image, target == 1, palette, alpha, ignored),
+                              channel_overlay(image, pred, palette, alpha)], axis=1)
+    else:
+        gt = colorize(target, palette, ignore_index)
+        pr = colorize(pred, palette, ignore_index=-1)
+        blend = lambda colours: (alpha * colours + (1 - alpha) * image).astype(np.uint8)  # noqa: E731
+        row = np.concatenate([image, blend(gt), blend(pr)], axis=1)  # (H, 3W, 3)
     scale = max(1, int(np.ceil(min_side / image.shape[0])))
     panel = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
     strip = legend(panel.width, class_names, palette)
@@ -123,6 +152,25 @@ def confusion_matrix_image(matrix: torch.Tensor, class_names: Sequence[str], cel
         img.paste(rotated, (label_w + j * cell + cell // 2 - 8, top - rotated.height - 4), rotated)
     draw.text((label_w, top + n * cell + 6), caption, fill=(80, 80, 80), font=font)
     return np.asarray(img)
+
+
+def channel_confusion_image(matrices: torch.Tensor, class_names: Sequence[str], cell: int = 56) -> np.ndarray:
+    """Multi-label: each channel's row-normalised 2x2 matrix (absent/present, ``confusion_matrix_image``) under its
+    name, side by side."""
+    font = _font(12)
+    pictures = []
+    for name, matrix in zip(class_names, matrices):
+        picture = Image.fromarray(confusion_matrix_image(matrix, [f"not {name}", name], cell))
+        titled = Image.new("RGB", (picture.width, picture.height + 18), (255, 255, 255))
+        ImageDraw.Draw(titled).text((4, 2), name, fill=(0, 0, 0), font=font)
+        titled.paste(picture, (0, 18))
+        pictures.append(titled)
+    out = Image.new("RGB", (sum(p.width for p in pictures), max(p.height for p in pictures)), (255, 255, 255))
+    x = 0
+    for picture in pictures:
+        out.paste(picture, (x, 0))
+        x += picture.width
+    return np.asarray(out)
 
 
 MISSED_COLOUR = (230, 0, 0)  # a class's false negatives

@@ -28,10 +28,13 @@ class ReliabilityHistogram:
     """Counts and probability sums per reliability bin over a whole split, for top-label and per-class ECE."""
 
     def __init__(self, num_classes: int, bins: int = 15, ignore_index: int = 255,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, multilabel: bool = False) -> None:
         if not isinstance(bins, int) or bins < 1:
             raise ValueError(f"calibration.bins={bins!r}: expected a whole number >= 1")
         self.num_classes = num_classes
+        # Multi-label: per channel its sigmoid p against the channel's truth; no top label, so the one number
+        # (``ece``, ``top_label``) pools every channel's (pixel, p) entries.
+        self.multilabel = multilabel
         self.bins = bins
         self.ignore_index = ignore_index
         n = bins + 1  # the last bin holds p == 1.0 exactly (bucketize's right edge), as torchmetrics counts it
@@ -54,22 +57,28 @@ class ReliabilityHistogram:
         ``preds``, their arg-max labels (``metrics.class_argmax``) if the caller has them already."""
         if self.boundaries.device != logits.device:
             self._to(logits.device)
-        probs = logits.float().softmax(dim=1)  # (N, K, H, W)
+        probs = logits.float().sigmoid() if self.multilabel else logits.float().softmax(dim=1)  # (N, K, H, W)
         k, n = probs.shape[1], self.bins + 1
         if k != self.num_classes:
             raise ValueError(f"logits with {k} classes for a histogram of {self.num_classes}")
         valid = target != self.ignore_index
-        labels = torch.where(valid, target, 0).int()[:, None]  # (N, 1, H, W)
+        classes = torch.arange(k, device=probs.device, dtype=torch.int32).view(1, k, 1, 1)
+        if self.multilabel:  # target (N, K, H, W): the entry is of its channel's class where it is 1
+            positive, valid_entries = target == 1, valid
+        else:
+            labels = torch.where(valid, target, 0).int()[:, None]  # (N, 1, H, W)
+            positive, valid_entries = labels == classes, valid[:, None]
         bins = self._bin_of(probs)  # (N, K, H, W)
         # One code per pixel and class: (class * n + bin) * 2 + (the pixel is of the class); ignored pixels get
         # one extra code that is dropped (no boolean indexing: it would sync on CUDA).
-        classes = torch.arange(k, device=probs.device, dtype=torch.int32).view(1, k, 1, 1)
-        code = (bins + classes * n).mul_(2).add_(labels == classes).masked_fill_(~valid[:, None], 2 * k * n).flatten()
+        code = (bins + classes * n).mul_(2).add_(positive).masked_fill_(~valid_entries, 2 * k * n).flatten()
         counts = torch.bincount(code, minlength=2 * k * n + 1)[: 2 * k * n].view(k * n, 2)
         self.class_counts[0] += counts.sum(1)
         self.class_counts[1] += counts[:, 1]
         sums = torch.bincount(code, weights=probs.flatten().double(), minlength=2 * k * n + 1)[: 2 * k * n]
         self.class_prob += sums.view(k * n, 2).sum(1)
+        if self.multilabel:
+            return
         # Top label: the bins are monotone in p, so the top probability's bin is the largest bin (amax: the
         # indices of max cost ~30x more on a CPU). Right = the arg-max, the first of tied maxima, is the true class.
         conf = probs.amax(dim=1)  # (N, H, W)
@@ -99,7 +108,11 @@ class ReliabilityHistogram:
             all_reduce_sum(tensor)
 
     def top_label(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per bin (CPU float64): pixels, accuracy, mean confidence (NaN in empty bins)."""
+        """Per bin (CPU float64): pixels, accuracy, mean confidence (NaN in empty bins). Multi-label: every channel's
+        entries pooled, p against the share of them present."""
+        if self.multilabel:
+            counts, positives = self.class_counts.double().cpu().view(2, self.num_classes, -1).sum(1)
+            return counts, positives / counts, self.class_prob.cpu().view(self.num_classes, -1).sum(0) / counts
         counts, correct = self.top_counts.double().cpu()
         return counts, correct / counts, self.top_conf.cpu() / counts
 
@@ -145,21 +158,29 @@ class PixelSample:
             self.generator = torch.Generator(logits.device).manual_seed(self.seed)
         logits = logits.float()
         n, k = logits.shape[:2]
-        valid = (target != self.ignore_index).flatten(1)  # (N, H*W)
+        multilabel = target.dim() == logits.dim()  # (N, C, H, W): a pixel is labelled where any channel is
+        labelled = target != self.ignore_index
+        valid = (labelled.any(1) if multilabel else labelled).flatten(1)  # (N, H*W)
         keys = torch.rand(valid.shape, generator=self.generator, device=logits.device)
         keys = torch.where(valid, keys, 2.0)  # unlabelled pixels sort last
         take = keys.topk(min(self.per_image, keys.shape[1]), dim=1, largest=False).indices  # (N, S)
         flat = logits.flatten(2)  # (N, K, H*W)
-        self.logits.append(flat.gather(2, take[:, None].expand(n, k, -1)).transpose(1, 2).reshape(-1, k))  # (N*S, K)
+        picked = take[:, None].expand(n, k, -1)
+        self.logits.append(flat.gather(2, picked).transpose(1, 2).reshape(-1, k))  # (N*S, K)
+        if multilabel:  # (N*S, C): 1 present, 0 absent, -1 ignored in that channel
+            labels = torch.where(labelled, target.long(), -1).flatten(2).gather(2, picked)
+            self.labels.append(labels.transpose(1, 2).reshape(-1, k))
+            return
         self.labels.append(torch.where(valid.gather(1, take), target.flatten(1).gather(1, take).long(),
                                        -1).flatten())
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, K) float32 logits and (P,) int64 labels of the sampled labelled pixels."""
+        """(P, K) float32 logits and (P,) int64 labels of the sampled labelled pixels (multi-label: (P, C) labels,
+        -1 where a channel is ignored)."""
         if not self.logits:
             raise ValueError("no pixels sampled: the split has no images")
         logits, labels = torch.cat(self.logits), torch.cat(self.labels)
-        keep = labels >= 0
+        keep = labels >= 0 if labels.dim() == 1 else (labels >= 0).any(1)
         return logits[keep], labels[keep]
 
 

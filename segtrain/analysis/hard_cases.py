@@ -17,7 +17,8 @@ import torch
 
 from segtrain.analysis.per_image import PerImageReport, per_image_scores, worst_images
 from segtrain.inference import InferenceOptions, scored_logits
-from segtrain.metrics import class_argmax
+from segtrain.data.multilabel import unpack
+from segtrain.metrics import decide
 from segtrain.runtime import Runtime
 from segtrain.visualize import denormalize, error_gallery
 
@@ -27,16 +28,20 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def _rows(model, dataset, indices: Sequence[int], rt: Runtime, inference: InferenceOptions | None,
           mean: Sequence[float], std: Sequence[float]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{dataset index: (image uint8 (H, W, 3), truth, prediction)} of ``indices``, one forward pass each."""
+    """{dataset index: (image uint8 (H, W, 3), truth, prediction)} of ``indices``, one forward pass each; of a
+    multi-label dataset the truth (C, H, W) of 0, 1 and ``ignore_index`` and the decisions (C, H, W)."""
     model.eval()
     rows = {}
+    multilabel = getattr(dataset, "multilabel", False)
     for index in dict.fromkeys(indices):
         image, mask = dataset[index]
+        if multilabel:
+            mask = unpack(mask, dataset.num_classes, dataset.ignore_index)
         images, masks = rt.to_device(image[None], mask[None])
         with rt.autocast():
-            pred = class_argmax(scored_logits(model, images, masks.shape[-2:], inference))[0].cpu().numpy()
+            pred = decide(scored_logits(model, images, masks.shape[-2:], inference), multilabel)[0].cpu().numpy()
         picture = denormalize(image, mean, std)
-        if picture.shape[:2] != mask.shape:  # val_resize: the file's own pixels, at the mask's size
+        if picture.shape[:2] != mask.shape[-2:]:  # val_resize: the file's own pixels, at the mask's size
             picture = dataset.load_image(index)
         rows[index] = (picture, mask.numpy(), pred)
     return rows
@@ -55,10 +60,22 @@ def galleries(model, dataset, indices: Sequence[int], matrices: torch.Tensor, cl
     out = {}
     for c, ranked in enumerate(worst):
         if ranked:
-            entries = [(*rows[indices[r]], f"{rank}. {Path(dataset.image_paths[indices[r]]).name}  dice "
-                        f"{float(scores['dice'][r, c]):.3f}") for rank, r in enumerate(ranked, 1)]
+            entries = [(*_class_row(rows[indices[r]], c, ignore_index), f"{rank}. "
+                        f"{Path(dataset.image_paths[indices[r]]).name}  dice {float(scores['dice'][r, c]):.3f}")
+                       for rank, r in enumerate(ranked, 1)]
             out[class_names[c]] = error_gallery(entries, c, class_names, ignore_index)
     return out
+
+
+def _class_row(row: tuple[np.ndarray, np.ndarray, np.ndarray], c: int, ignore_index: int):
+    """(image, truth, prediction) as ``error_gallery`` draws class ``c``: label maps as they are; a multi-label
+    row's channel ``c`` as a label map in which c is present and C (no class) absent."""
+    picture, truth, pred = row
+    if truth.ndim == 2:
+        return row
+    absent = truth.shape[0]
+    labels = np.where(truth[c] == 1, c, np.where(truth[c] == ignore_index, ignore_index, absent))
+    return picture, labels, np.where(pred[c], c, absent)
 
 
 def write_report(out_dir: Path, model, dataset, per_image: tuple[Sequence[int], torch.Tensor] | None,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from segtrain.atomic import atomic_write
 from segtrain.distributed import all_gather_objects
-from segtrain.metrics import class_argmax, class_scores
+from segtrain.metrics import channel_counts, channel_decisions, channel_scores, class_argmax, class_scores
 
 
 def _sorted_by_index(indices: list[int], matrices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -42,23 +42,34 @@ class PerImageConfusion:
     everything to the CPU once.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None,
+                 multilabel: bool = False) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.device = torch.device(device) if device is not None else None
+        self.multilabel = multilabel  # one (C, 2, 2) matrix per image instead: a 2x2 per channel
         self._matrices: list[torch.Tensor] = []  # one (N, C, C) int64 tensor per batch
         self._indices: list[int] = []
 
     @torch.no_grad()
     def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor, indices: list[int]) -> None:
         """``preds_or_logits``: logits (N, C, H, W), arg-maxed here, or labels (N, H, W); ``target``
-        (N, H, W); ``indices``: the dataset indices of the N images."""
+        (N, H, W); ``indices``: the dataset indices of the N images. Multi-label: logits or decisions and targets
+        all (N, C, H, W)."""
+        if len(indices) != target.shape[0]:
+            raise ValueError(f"PerImageConfusion: {len(indices)} indices for a batch of {target.shape[0]} images")
+        if self.multilabel:
+            preds = preds_or_logits if preds_or_logits.dtype == torch.bool else channel_decisions(preds_or_logits)
+            if preds.shape != target.shape or target.dim() != 4 or target.shape[1] != self.num_classes:
+                raise ValueError(f"PerImageConfusion: prediction {tuple(preds.shape)} and target "
+                                 f"{tuple(target.shape)} must both be (N, {self.num_classes}, H, W)")
+            self._matrices.append(channel_counts(preds, target, self.ignore_index).to(self.device or target.device))
+            self._indices.extend(int(i) for i in indices)
+            return
         preds = class_argmax(preds_or_logits) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
         if preds.shape != target.shape or target.dim() != 3:
             raise ValueError(f"PerImageConfusion: prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
                              "must both be (N, H, W)")
-        if len(indices) != target.shape[0]:
-            raise ValueError(f"PerImageConfusion: {len(indices)} indices for a batch of {target.shape[0]} images")
         if self.device is not None:
             preds, target = preds.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
         n, batch = self.num_classes, target.shape[0]
@@ -75,7 +86,8 @@ class PerImageConfusion:
     def result(self) -> tuple[list[int], torch.Tensor]:
         """(dataset indices ascending, their (M, C, C) int64 matrices on the CPU) of this process."""
         if not self._matrices:
-            return [], torch.zeros((0, self.num_classes, self.num_classes), dtype=torch.int64)
+            shape = (self.num_classes, 2, 2) if self.multilabel else (self.num_classes, self.num_classes)
+            return [], torch.zeros((0, *shape), dtype=torch.int64)
         return _sorted_by_index(self._indices, torch.cat(self._matrices).cpu())
 
     def gather(self) -> tuple[list[int], torch.Tensor]:
@@ -87,9 +99,14 @@ class PerImageConfusion:
 
 def per_image_scores(matrices: torch.Tensor) -> dict[str, torch.Tensor]:
     """(M, C) ``dice`` and ``iou`` (float64; NaN where the class is neither in an image's truth nor
-    predicted in it) and int64 ``true_pixels`` (tp + fn), ``predicted_pixels`` (tp + fp)."""
+    predicted in it) and int64 ``true_pixels`` (tp + fn), ``predicted_pixels`` (tp + fp). Multi-label
+    (M, C, 2, 2) matrices give the same of each channel's present class."""
+    if matrices.dim() == 4 and matrices.shape[2:] == (2, 2):
+        counts = matrices.long().cpu()
+        return {**{k: v for k, v in channel_scores(counts).items() if k in ("dice", "iou")},
+                "true_pixels": counts[..., 1, :].sum(-1), "predicted_pixels": counts[..., :, 1].sum(-1)}
     if matrices.dim() != 3 or matrices.shape[1] != matrices.shape[2]:
-        raise ValueError(f"per_image_scores: matrices {tuple(matrices.shape)} must be (M, C, C)")
+        raise ValueError(f"per_image_scores: matrices {tuple(matrices.shape)} must be (M, C, C) or (M, C, 2, 2)")
     counts = matrices.long().cpu()
     scores = class_scores(counts)
     return {
@@ -132,10 +149,10 @@ class PerImageReport:
     matrices: torch.Tensor
 
     def __post_init__(self) -> None:
-        shape = tuple(self.matrices.shape)
-        if len(shape) != 3 or shape[0] != len(self.image_paths) or shape[1:] != (len(self.class_names),) * 2:
-            raise ValueError(f"PerImageReport: matrices {shape} do not match {len(self.image_paths)} image paths "
-                             f"and {len(self.class_names)} class names (expected (M, C, C))")
+        shape, m, c = tuple(self.matrices.shape), len(self.image_paths), len(self.class_names)
+        if shape not in ((m, c, c), (m, c, 2, 2)):
+            raise ValueError(f"PerImageReport: matrices {shape} do not match {m} image paths and {c} class names "
+                             "(expected (M, C, C), or (M, C, 2, 2) for multi-label channels)")
 
     @cached_property
     def scores(self) -> dict[str, torch.Tensor]:

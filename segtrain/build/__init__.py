@@ -7,13 +7,16 @@ code that reads the config tree; what they build takes plain arguments.
 """
 
 from segtrain.build.data import (PadCollate, TrainingData, build_data, build_loaders, dataset_split, eval_loader,
-                                 eval_split, eval_transform_of, palette_for, split_counts, train_transform_of)
-from segtrain.build.model import (build_loss_fn, build_model, build_parts, inference_runtime, model_from_checkpoint,
-                                  place_model, resolve_num_workers, seed_everything, weights_column_options)
+                                 eval_split, eval_transform_of, palette_for, split_counts, stats_of,
+                                 train_transform_of)
+from segtrain.build.model import (build_loss_fn, build_model, build_parts, class_weights_of, inference_runtime,
+                                  model_from_checkpoint, place_model, resolve_num_workers, seed_everything,
+                                  weights_column_options)
 from segtrain.build.on_split import CheckpointOnSplit
 from segtrain.config.options import build_runtime
 
 __all__ = ["CheckpointOnSplit", "PadCollate", "TrainingData", "build_data", "build_loaders", "build_loss_fn",
-           "build_model", "build_parts", "build_runtime", "dataset_split", "eval_loader", "eval_split",
-           "eval_transform_of", "inference_runtime", "model_from_checkpoint", "palette_for", "place_model",
-           "resolve_num_workers", "seed_everything", "split_counts", "train_transform_of", "weights_column_options"]
+           "build_model", "build_parts", "build_runtime", "class_weights_of", "dataset_split", "eval_loader",
+           "eval_split", "eval_transform_of", "inference_runtime", "model_from_checkpoint", "palette_for",
+           "place_model", "resolve_num_workers", "seed_everything", "split_counts", "stats_of", "train_transform_of",
+           "weights_column_options"]

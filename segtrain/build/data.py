@@ -14,7 +14,9 @@ from segtrain import distributed
 from segtrain.build.model import resolve_num_workers
 from segtrain.data import (EpochSampler, FolderDataset, ShardSampler, cityscapes, ensure_synthetic, eval_transform,
                            make_dataset, pad_collate, train_transform)
-from segtrain.data.class_stats import ClassStats
+from segtrain.config.checks import is_multilabel
+from segtrain.data.class_stats import ChannelStats, ClassStats
+from segtrain.data.multilabel import fill_code, unpack
 from segtrain.data.palette import parse_palette
 from segtrain.data.repeat_factors import image_repeat_factors
 from segtrain.data.scan import image_class_counts
@@ -40,9 +42,25 @@ def palette_for(cfg: DictConfig, num_labels: int) -> np.ndarray:
 
 def _dataset_options(ds: DictConfig) -> dict:
     """The layout options the config sets; keys missing from older configs keep the class defaults."""
-    keys = ("list_file", "label_mapping", "palette", "on_unknown_color", "on_bad_label")
+    keys = ("list_file", "label_mapping", "palette", "on_unknown_color", "on_bad_label", "regions")
+    if ds.layout == "binary_masks":
+        if ds.get("regions") is not None:
+            raise ValueError("dataset.regions and dataset.layout=binary_masks both set: regions are made from a label "
+                             "map; binary masks already give one file per channel")
+        keys = ("list_file", "label_mapping", "palette", "class_names", "missing_mask")
     return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
             for k in keys if (v := ds.get(k)) is not None}
+
+
+def channels_of(ds: DictConfig) -> int | None:
+    """The channel count of a multi-label dataset (``segtrain.data.multilabel``), None for single-label masks."""
+    return ds.num_classes if is_multilabel(ds) else None
+
+
+def mask_fill(ds: DictConfig) -> int:
+    """The mask value of pixels that padding creates: ``ignore_index``, or a multi-label code ignored everywhere."""
+    channels = channels_of(ds)
+    return ds.ignore_index if channels is None else fill_code(channels)
 
 
 def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bool = False,
@@ -64,19 +82,26 @@ def split_counts(dataset: FolderDataset, workers: int = 0) -> np.ndarray:
 
     One pass over the masks on rank 0 (which writes the cache); the other ranks receive the result.
     """
-    return distributed.on_main_then_broadcast(image_class_counts, dataset, dataset.num_classes,
-                                              dataset.ignore_index, num_workers=workers)
+    # A multi-label dataset counts (2C,) per image: each channel's positive pixels, then its valid pixels.
+    width = dataset.num_classes * (2 if dataset.multilabel else 1)
+    return distributed.on_main_then_broadcast(image_class_counts, dataset, width, dataset.ignore_index,
+                                              num_workers=workers)
+
+
+def stats_of(dataset: FolderDataset, counts: np.ndarray) -> ClassStats | ChannelStats:
+    return ChannelStats.from_counts(counts) if dataset.multilabel else ClassStats.from_counts(counts)
 
 
 def train_transform_of(ds: DictConfig, class_frequency) -> object:
     sampling = ds.sampling
-    return train_transform(ignore_index=ds.ignore_index, mean=ds.mean, std=ds.std,
+    return train_transform(ignore_index=mask_fill(ds), mean=ds.mean, std=ds.std,
                            rare_crop_p=sampling.rare_crop_p or 0.0, cat_max_ratio=sampling.cat_max_ratio,
-                           class_frequency=class_frequency, **OmegaConf.to_container(ds.augment))
+                           class_frequency=class_frequency, channels=channels_of(ds),
+                           **OmegaConf.to_container(ds.augment))
 
 
 def eval_transform_of(ds: DictConfig) -> object:
-    return eval_transform(mean=ds.mean, std=ds.std, ignore_index=ds.ignore_index, val_resize=ds.val_resize)
+    return eval_transform(mean=ds.mean, std=ds.std, ignore_index=mask_fill(ds), val_resize=ds.val_resize)
 
 
 def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = True) -> FolderDataset:
@@ -90,8 +115,8 @@ def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = Tr
 class TrainingData:
     train_set: FolderDataset
     val_set: FolderDataset
-    train_counts: np.ndarray  # (N, C) pixels of each class in each training image
-    stats: ClassStats  # derived from train_counts
+    train_counts: np.ndarray  # (N, C) pixels of each class in each training image; multi-label: (N, 2C)
+    stats: ClassStats | ChannelStats  # derived from train_counts
 
 
 def build_data(ds: DictConfig, workers: int = 0) -> TrainingData:
@@ -99,7 +124,7 @@ def build_data(ds: DictConfig, workers: int = 0) -> TrainingData:
     rare-class crops by."""
     train_set = dataset_split(ds, ds.train_split)
     counts = split_counts(train_set, workers)
-    stats = ClassStats.from_counts(counts)
+    stats = stats_of(train_set, counts)
     train_set.transform = train_transform_of(ds, stats.frequency)
     return TrainingData(train_set, eval_split(ds, ds.val_split, workers), counts, stats)
 
@@ -109,7 +134,7 @@ def _repeat_factors(counts: np.ndarray, ds: DictConfig) -> np.ndarray | None:
     thresh = ds.sampling.repeat_thresh
     if thresh is None:
         return None
-    factors = image_repeat_factors(counts > 0, thresh)
+    factors = image_repeat_factors(counts[:, : ds.num_classes] > 0, thresh)  # multi-label: the positive counts
     log.info("repeat-factor sampling (t=%g): %d of %d images repeated, mean factor %.3f, max %.3f", thresh,
              int((factors > 1).sum()), len(factors), factors.mean(), factors.max())
     return factors
@@ -119,7 +144,7 @@ def eval_loader(dataset, ds: DictConfig, workers: int, pin: bool = False) -> tor
     """In order, each image once over all ranks (one shard per rank under DDP)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=ds.batch_size_val, sampler=ShardSampler(len(dataset)), num_workers=workers,
-        pin_memory=pin, collate_fn=PadCollate(ds.ignore_index), generator=_loader_generator())
+        pin_memory=pin, collate_fn=collate_of(ds), generator=_loader_generator())
 
 
 def _loader_generator() -> torch.Generator:
@@ -130,12 +155,22 @@ def _loader_generator() -> torch.Generator:
 
 @dataclass(frozen=True)
 class PadCollate:
-    """``pad_collate`` with the dataset's ignore_index; a class, so that loader workers can pickle it."""
+    """``pad_collate`` with the dataset's ignore_index; a class, so that loader workers can pickle it. With
+    ``channels`` (multi-label) the masks are codes, padded as ignored everywhere and unpacked into (N, C, H, W)
+    targets of 0, 1 and ``ignore_index``."""
 
     ignore_index: int
+    channels: int | None = None
 
     def __call__(self, batch):
-        return pad_collate(batch, self.ignore_index)
+        if self.channels is None:
+            return pad_collate(batch, self.ignore_index)
+        images, codes = pad_collate(batch, fill_code(self.channels))
+        return images, unpack(codes, self.channels, self.ignore_index)
+
+
+def collate_of(ds: DictConfig) -> PadCollate:
+    return PadCollate(ds.ignore_index, channels_of(ds))
 
 
 def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
@@ -153,6 +188,6 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
                          + (f" per rank ({sampler.world_size} ranks)" if sampler.world_size > 1 else ""))
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=tr.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-        collate_fn=PadCollate(ds.ignore_index), drop_last=True, generator=_loader_generator())
+        collate_fn=collate_of(ds), drop_last=True, generator=_loader_generator())
     val_loader = eval_loader(data.val_set, ds, workers, pin)
     return train_loader, val_loader, sampler.draws_per_rank // draws_per_step

@@ -16,9 +16,11 @@ from segtrain import distributed
 from segtrain.analysis.calibration import CalibratedModel, LogitCalibration
 from segtrain.checkpoint import SavedModel
 from segtrain.config import CONFIG_DIR, load_option
-from segtrain.config.checks import check_class_count
+from segtrain.config.checks import check_class_count, is_multilabel
 from segtrain.config.options import inference_options
-from segtrain.data.class_weights import STRATEGIES
+from segtrain.data.class_stats import ChannelStats
+from segtrain.data.class_weights import (STRATEGIES, channel_table, compute_channel_weights, compute_class_weights,
+                                         weights_table)
 from segtrain.inference import InferenceOptions
 from segtrain.losses import CompositeLoss, build_loss
 from segtrain.models import registry
@@ -75,6 +77,18 @@ def weights_column_options() -> dict[str, dict]:
             for name in STRATEGIES if name != "manual" and (weights_dir / f"{name}.yaml").is_file()}
 
 
+def class_weights_of(stats, weights_cfg, class_names: list[str]) -> tuple[torch.Tensor, str]:
+    """(the run's class weights, the table the log, TensorBoard and ``segtrain.stats`` show) of ``weights=...``:
+    per class of a label map, or one positive-class weight per channel of multi-label data (``ChannelStats``)."""
+    options = OmegaConf.to_container(weights_cfg, resolve=True) if OmegaConf.is_config(weights_cfg) else weights_cfg
+    if isinstance(stats, ChannelStats):
+        weights = compute_channel_weights(stats, class_names=class_names, **options)
+        return weights, channel_table(stats, class_names, options["strategy"], weights)
+    weights = compute_class_weights(stats, class_names=class_names, **options)
+    return weights, weights_table(stats, class_names, options["strategy"], weights=weights,
+                                  column_options=weights_column_options())
+
+
 # ---------------------------------------------------------------- model, loss, optimizer
 
 
@@ -110,7 +124,8 @@ def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
 
 def build_loss_fn(cfg: DictConfig, class_weights, device: torch.device) -> CompositeLoss:
     ds = cfg.dataset
-    return build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index).to(device)
+    return build_loss(cfg.loss, class_weights, num_classes=ds.num_classes, ignore_index=ds.ignore_index,
+                      multilabel=is_multilabel(ds)).to(device)
 
 
 def build_parts(cfg: DictConfig, model: torch.nn.Module, rt: Runtime, total_steps: int) -> TrainParts:

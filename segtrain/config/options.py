@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from segtrain import distributed
-from segtrain.config.checks import check_monitor, class_names_of
+from segtrain.config.checks import check_monitor, check_multilabel_dataset, class_names_of, is_multilabel
 from segtrain.config.schema import DatasetConfig
 from segtrain.errors import check_count, choice_message
 from segtrain.inference import InferenceOptions
@@ -96,7 +96,8 @@ def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dt
         amp = (cfg.trainer.amp if device.type == "cuda" else "none") if inf.amp == "checkpoint" else inf.amp
         amp_dtype = resolve_amp(amp, device)
     return InferenceOptions(inf.mode, tile, float(inf.overlap), inf.blend, int(inf.batch_size),
-                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype)
+                            tuple(inf.tta.flips), tuple(float(s) for s in inf.tta.scales), amp_dtype,
+                            multilabel=is_multilabel(ds))
 
 
 def build_runtime(tr: DictConfig) -> Runtime:
@@ -146,15 +147,20 @@ class RunOptions:
 def check_config(cfg: DictConfig) -> RunOptions:
     """Every check composition cannot make, before anything is written; the plain values of the run."""
     tr, ds = cfg.trainer, cfg.dataset
-    check_count("dataset.num_classes", ds.num_classes, "a number of classes (binary data: 2, background and "
-                "foreground)", minimum=2)
+    multilabel = is_multilabel(ds)
+    if multilabel:
+        check_multilabel_dataset(ds)
+    else:
+        check_count("dataset.num_classes", ds.num_classes, "a number of classes (binary data: 2, background and "
+                    "foreground)", minimum=2)
     _check_trainer(tr, ds)
     if is_timm(cfg.model.get("encoder")):
         check_timm_name(cfg.model.encoder)  # timm installed, the name known: before the data pass
     class_names = class_names_of(ds)
     analysis = analysis_options(cfg)
     check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis.calibration.bins is not None)
-    build_loss(cfg.loss, None, num_classes=ds.num_classes, ignore_index=ds.ignore_index)  # the terms' names, options
+    # the terms' names and options
+    build_loss(cfg.loss, None, num_classes=ds.num_classes, ignore_index=ds.ignore_index, multilabel=multilabel)
     runtime = build_runtime(tr)
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, runtime.device, amp_dtype=runtime.amp_dtype)
@@ -166,7 +172,7 @@ def check_config(cfg: DictConfig) -> RunOptions:
         inference=inference, checkpoint_every=tr.checkpoint_every, on_nonfinite=str(tr.on_nonfinite),
         max_skipped=tr.max_skipped, rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
         ema_evaluate=tr.ema.evaluate, calibration_bins=analysis.calibration.bins,
-        tensorboard_k=analysis.report.tensorboard_k,
+        tensorboard_k=analysis.report.tensorboard_k, multilabel=multilabel,
         early_stopping=None if early.patience is None else EarlyStopping(early.patience, early.min_delta,
                                                                          str(tr.monitor_mode), tr.monitor))
     return RunOptions(class_names, runtime, analysis, fit, tr.epochs, tr.steps, tr.max_steps)

@@ -30,7 +30,8 @@ Amp = Choice("Amp", {n: n for n in ("auto", "bf16", "fp16", "none")})
 MonitorMode = Choice("MonitorMode", {n: n for n in ("max", "min")})
 OnNonfinite = Choice("OnNonfinite", {n: n for n in ("stop", "skip", "rollback")})
 OnBadLabel = Choice("OnBadLabel", {n: n for n in ("error", "ignore")})
-Layout = Choice("Layout", {n: n for n in ("folder", "voc", "cityscapes")})
+Layout = Choice("Layout", {n: n for n in ("folder", "voc", "cityscapes", "binary_masks")})
+MissingMask = Choice("MissingMask", {n: n for n in ("negative", "ignore")})
 Strategy = Choice("Strategy", {n: n for n in ("none", "inverse_freq", "sqrt_inv_freq", "median_freq", "enet",
                                               "effective_num", "manual")})
 Normalize = Choice("Normalize", {n: n for n in ("none", "mean")})
@@ -108,6 +109,7 @@ class GenerateConfig:
     num_val: int = 120
     size: int = 128
     seed: int = 0
+    multilabel: bool = False  # per-class binary masks with an overlapping rare layer (segtrain.data.synthetic)
 
 
 @dataclass
@@ -126,6 +128,8 @@ class DatasetConfig:
     palette: Any = None  # [[r, g, b], ...] or {'r,g,b': class}
     on_unknown_color: Optional[OnBadLabel] = None
     on_bad_label: OnBadLabel = OnBadLabel.error
+    regions: Any = None  # multi-label: {region name: [labels]} of the label map, one sigmoid channel each
+    missing_mask: MissingMask = MissingMask.negative  # layout binary_masks: a class file that is not there
     batch_size_val: int = 4
     val_resize: Any = None  # null, pad32 or a shorter-side length
     augment: AugmentConfig = field(default_factory=AugmentConfig)

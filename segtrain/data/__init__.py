@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from segtrain.data.binary_masks import BinaryMaskDataset
 from segtrain.data.cityscapes import CityscapesDataset
 from segtrain.data.folder import FolderDataset, read_image, read_mask
 from segtrain.data.sampler import EpochSampler, ShardSampler
@@ -17,6 +18,7 @@ from segtrain.errors import check_choice
 
 __all__ = [
     "LAYOUTS",
+    "BinaryMaskDataset",
     "CityscapesDataset",
     "EpochSampler",
     "ShardSampler",
@@ -36,6 +38,7 @@ LAYOUTS: dict[str, type[FolderDataset]] = {
     "folder": FolderDataset,
     "voc": VOCDataset,
     "cityscapes": CityscapesDataset,
+    "binary_masks": BinaryMaskDataset,
 }
 
 

@@ -23,6 +23,7 @@ class SplitReport:
     problems: list[str] = field(default_factory=list)
     pixel_count: np.ndarray | None = None  # (C,) over the pairs without problems
     image_count: np.ndarray | None = None  # (C,) images containing each class
+    valid_count: np.ndarray | None = None  # multi-label: (C,) pixels not ignored in each channel, the shares' base
 
     @property
     def ok(self) -> bool:
@@ -32,13 +33,18 @@ class SplitReport:
 def check_split(dataset: FolderDataset, num_workers: int = 0) -> SplitReport:
     """Every problem of the split (unpaired files too, when built with ``allow_unpaired=True``)."""
     report = SplitReport(dataset.split, len(dataset), list(getattr(dataset, "unpaired", [])))
-    report.pixel_count = np.zeros(dataset.num_classes, dtype=np.int64)
-    report.image_count = np.zeros(dataset.num_classes, dtype=np.int64)
-    for scan in iter_scans(dataset, dataset.num_classes, dataset.ignore_index, num_workers):
+    c = dataset.num_classes
+    report.pixel_count = np.zeros(c, dtype=np.int64)
+    report.image_count = np.zeros(c, dtype=np.int64)
+    if dataset.multilabel:
+        report.valid_count = np.zeros(c, dtype=np.int64)
+    for scan in iter_scans(dataset, c, dataset.ignore_index, num_workers):
         report.problems += [str(problem) for problem in scan.problems]
-        if scan.counts is not None:
-            report.pixel_count += scan.counts
-            report.image_count += scan.counts > 0
+        if scan.counts is not None:  # multi-label: (2C,), each channel's positive then valid pixels
+            report.pixel_count += scan.counts[:c]
+            report.image_count += scan.counts[:c] > 0
+            if report.valid_count is not None:
+                report.valid_count += scan.counts[c:]
     return report
 
 
@@ -47,9 +53,12 @@ def format_report(report: SplitReport, class_names: list[str]) -> str:
              + (f"{len(report.problems)} problems" if report.problems else "no problems")]
     lines += [f"  BAD {p}" for p in report.problems]
     if report.pixel_count is not None and report.num_pairs:
-        total = max(int(report.pixel_count.sum()), 1)
+        # a class's share of all labelled pixels; a multi-label channel's share of its own valid pixels
+        totals = report.valid_count if report.valid_count is not None else \
+            np.full(len(class_names), report.pixel_count.sum())
         width = max(len("class"), *(len(n) for n in class_names))
         lines.append(f"  {'class':<{width}}  {'pixels':>12}  {'share':>7}  {'images':>7}")
-        for name, px, im in zip(class_names, report.pixel_count.tolist(), report.image_count.tolist()):
-            lines.append(f"  {name:<{width}}  {px:>12}  {px / total:>7.2%}  {im:>7}")
+        for name, px, total, im in zip(class_names, report.pixel_count.tolist(), totals.tolist(),
+                                       report.image_count.tolist()):
+            lines.append(f"  {name:<{width}}  {px:>12}  {px / max(total, 1):>7.2%}  {im:>7}")
     return "\n".join(lines)

@@ -89,6 +89,55 @@ class ClassStats:
         return {key: v.tolist() if isinstance(v, np.ndarray) else v for key, v in values.items()}
 
 
+@dataclass(eq=False)
+class ChannelStats:
+    """Per-channel counts over a training split (int64 arrays of shape (C,)).
+
+    positive[c]  pixels positive in channel c
+    valid[c]     pixels not ignored in channel c
+    images[c]    images with at least one positive pixel of c
+    """
+
+    positive: np.ndarray
+    valid: np.ndarray
+    images: np.ndarray
+    num_images: int
+    binary: list[ClassStats]  # per channel, the two classes [absent, present]: what the weight strategies take
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> ChannelStats:
+        """From the (N, 2C) counts of the class-count pass: positives, then valid pixels."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.ndim != 2 or counts.shape[1] % 2:
+            raise ValueError(f"multi-label counts must be (N, 2C), got shape {counts.shape}")
+        channels = counts.shape[1] // 2
+        positive, valid = counts[:, :channels], counts[:, channels:]
+        binary = [ClassStats.from_counts(np.stack([valid[:, c] - positive[:, c], positive[:, c]], 1))
+                  for c in range(channels)]
+        return cls(positive.sum(0), valid.sum(0), (positive > 0).sum(0), counts.shape[0], binary)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.positive.size)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """Share of a channel's valid pixels that are positive (its imbalance against its own absence)."""
+        return np.divide(self.positive, self.valid, out=np.zeros(self.positive.shape), where=self.valid > 0)
+
+    @property
+    def total_pixels(self) -> int:
+        return int(self.valid.max(initial=0))
+
+    def presence(self, counts: np.ndarray) -> np.ndarray:
+        """(N, C) images containing each channel, from the per-image counts."""
+        return np.asarray(counts)[:, : self.num_classes] > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"positive": self.positive.tolist(), "valid": self.valid.tolist(), "images": self.images.tolist(),
+                "num_images": self.num_images}
+
+
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     out = np.zeros(num.shape, dtype=np.float64)
     return np.divide(num, den, out=out, where=den > 0, dtype=np.float64)

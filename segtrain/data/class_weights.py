@@ -40,6 +40,8 @@ from segtrain.errors import check_choice
 __all__ = [
     "ClassStats",
     "STRATEGIES",
+    "channel_table",
+    "compute_channel_weights",
     "compute_class_stats",
     "compute_class_weights",
     "weights_table",
@@ -172,6 +174,66 @@ def compute_class_weights(
     if max_weight is not None:
         weights = np.minimum(weights, float(max_weight))
     return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def compute_channel_weights(
+    stats,
+    strategy: str,
+    *,
+    normalize: str = "none",
+    max_weight: float | None = None,
+    absent: str = "zero",
+    beta: float = 0.9999,
+    count: str = "images",
+    k: float = 1.02,
+    values: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Multi-label data: one positive-class weight per channel (``pos_weight`` of a sigmoid loss), (C,) float32.
+
+    Each channel is its own two-class problem, present against absent, so a strategy gives the two classes of a
+    channel their weights [w_absent, w_present] from the channel's ``ClassStats`` (``ChannelStats.binary``) and the
+    channel's weight is w_present / w_absent: ``inverse_freq`` gives absent pixels / present pixels, the usual
+    ``pos_weight``. ``manual`` values are the per-channel weights themselves; ``max_weight`` clips them.
+    ``normalize=mean`` does not apply: a ratio of 1 already means "balanced as the data is".
+    """
+    _check_options(strategy, normalize, max_weight, absent, beta, count, k, values)
+    if normalize != "none":
+        raise ValueError("weights.normalize=mean: in multi-label mode a weight is each channel's present/absent "
+                         "ratio (1 = as the data is), not a share of a class mean; set weights.normalize=none")
+    channels = stats.num_classes
+    if strategy == "manual":
+        weights = _manual_values(values, channels)
+    else:
+        weights = np.ones(channels)
+        for c, binary in enumerate(stats.binary):
+            present = binary.pixel_count > 0
+            if present.all():
+                raw = _raw_weights(binary, strategy, present, beta, count, k)
+                weights[c] = raw[1] / raw[0]
+    missing = np.flatnonzero(stats.positive == 0).tolist()
+    if missing:
+        names = ", ".join(_class_label(c, class_names) for c in missing)
+        if absent == "error":
+            raise ValueError(f"{names}: no positive pixel in the training masks (weights.absent=error); fix the "
+                             "data or set weights.absent=zero")
+        warnings.warn(f"{names}: no positive pixel in the training masks; its positive-class weight is set to 0",
+                      stacklevel=2)
+        weights = np.where(stats.positive > 0, weights, 0.0)
+    if max_weight is not None:
+        weights = np.minimum(weights, float(max_weight))
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def channel_table(stats, class_names: Sequence[str], strategy: str, weights: torch.Tensor) -> str:
+    """Multi-label data: per channel, its positive and valid pixels, its share, images containing it and the
+    positive-class weight used."""
+    header = ["channel", "positive px", "valid px", "share %", "images", f"pos weight ({strategy})"]
+    rows = [[name, f"{int(p):,}", f"{int(v):,}", f"{100 * f:.3f}", f"{int(n):,}", f"{float(w):.4g}"]
+            for name, p, v, f, n, w in zip(class_names, stats.positive, stats.valid, stats.frequency, stats.images,
+                                           weights.tolist())]
+    return _format_rows(header, rows) + f"\n{stats.num_images:,} images; each channel is weighed against its own " \
+        "absence (positive-class weight = w_present / w_absent of the strategy)"
 
 
 def _format_rows(header: list[str], rows: list[list[str]]) -> str:

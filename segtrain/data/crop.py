@@ -20,14 +20,21 @@ from typing import Any, Sequence
 import albumentations as A
 import numpy as np
 
+from segtrain.data.multilabel import channel_counts
+
 
 class ClassAwareCrop(A.RandomCrop):
     """``RandomCrop`` (no padding: pad before it) with rare-class centring and ``cat_max_ratio``."""
 
     def __init__(self, height: int, width: int, ignore_index: int = 255, rare_crop_p: float = 0.0,
                  cat_max_ratio: float | None = None, class_frequency: Sequence[float] | None = None,
-                 max_tries: int = 10, p: float = 1.0) -> None:
+                 max_tries: int = 10, p: float = 1.0, channels: int | None = None) -> None:
         super().__init__(height=height, width=width, p=p)
+        if channels is not None and cat_max_ratio is not None:
+            raise ValueError("dataset.sampling.cat_max_ratio limits the share of one class in a crop of a label map; "
+                             "multi-label channels overlap and have no such share: leave it null (rare_crop_p and "
+                             "repeat_thresh work per channel)")
+        self.channels = channels  # multi-label codes (segtrain.data.multilabel): rare crops by channel
         if not 0.0 <= rare_crop_p <= 1.0:
             raise ValueError(f"dataset.sampling.rare_crop_p={rare_crop_p}; expected a probability in [0, 1]")
         if cat_max_ratio is not None and not 0.0 < cat_max_ratio <= 1.0:
@@ -65,13 +72,16 @@ class ClassAwareCrop(A.RandomCrop):
 
     def _centred_on_rare_class(self, mask: np.ndarray) -> tuple[int, int, int, int]:
         num_classes = self.draw_weights.size
-        labels = mask.ravel() if self.ignore_index >= 0 else mask[mask != self.ignore_index]
-        hist = np.bincount(labels, minlength=num_classes)[:num_classes]
+        if self.channels is None:
+            labels = mask.ravel() if self.ignore_index >= 0 else mask[mask != self.ignore_index]
+            hist = np.bincount(labels, minlength=num_classes)[:num_classes]
+        else:  # which channels have a positive pixel here (bit c of the code, not ignored)
+            hist = channel_counts(mask, self.channels)[: self.channels]
         weights = np.where(hist > 0, self.draw_weights, 0.0)
         if weights.sum() <= 0:  # nothing labelled here (all ignore): any crop will do
             return self._uniform(mask.shape)
         cls = self.py_random.choices(range(weights.size), weights=weights.tolist())[0]
-        flat = np.flatnonzero(mask == cls)
+        flat = np.flatnonzero(mask == cls if self.channels is None else (mask >> cls) & 1)
         y, x = divmod(int(flat[self.py_random.randrange(flat.size)]), mask.shape[1])
         top = min(max(y - self.height // 2, 0), mask.shape[0] - self.height)
         left = min(max(x - self.width // 2, 0), mask.shape[1] - self.width)

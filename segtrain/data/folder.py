@@ -21,6 +21,7 @@ from PIL import Image
 
 from segtrain.data.files import open_image
 from segtrain.data.masks import MaskDecoder, read_mask
+from segtrain.data.multilabel import RegionDecoder
 from segtrain.data.pairing import Pairing, pair_by_key, pair_from_list
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -111,13 +112,23 @@ class FolderDataset(torch.utils.data.Dataset):
         on_unknown_color: str = "error",
         on_bad_label: str = "error",
         allow_unpaired: bool = False,
+        regions: Mapping | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.transform = transform
-        self.decoder = MaskDecoder(num_classes, ignore_index, label_mapping, palette, on_unknown_color, on_bad_label)
+        if regions is None:
+            self.decoder = MaskDecoder(num_classes, ignore_index, label_mapping, palette, on_unknown_color,
+                                       on_bad_label)
+        else:  # multi-label: the regions of the label map, as int32 codes (segtrain.data.multilabel)
+            self.decoder = RegionDecoder(regions, ignore_index, label_mapping=label_mapping, palette=palette,
+                                         on_unknown_color=on_unknown_color, on_bad_label=on_bad_label)
+            if self.decoder.channels != num_classes:
+                raise ValueError(f"dataset.regions has {self.decoder.channels} regions "
+                                 f"({', '.join(self.decoder.names)}) but dataset.num_classes={num_classes}: a "
+                                 "multi-label model has one output channel per region")
         self.label_mapping = self.decoder.label_mapping
         image_path, mask_path = (self.root / d.format(split=split) for d in (image_dir, mask_dir))
         if list_file is not None:
@@ -140,6 +151,11 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether masks decode to multi-label codes (``segtrain.data.multilabel``), not class labels."""
+        return hasattr(self.decoder, "channels")
 
     def load_mask(self, index: int) -> np.ndarray:
         """The label map of sample ``index`` after mapping and the label check, before any augmentation."""

@@ -18,7 +18,8 @@ changes the counts. A pass
 that met a problem caches nothing, so a cache hit also means that every pair was fine.
 
 A *mask source* is a FolderDataset, or any object with ``root``, ``mask_paths`` and
-``load_mask(index)`` (optionally ``image_paths`` and ``label_mapping``).
+``load_mask(index)`` (optionally ``image_paths``, ``label_mapping``, ``mask_files()`` when a mask is several files,
+and a ``decoder`` whose ``count`` counts its own way: the multi-label decoders of ``segtrain.data.multilabel``).
 """
 
 from __future__ import annotations
@@ -70,18 +71,21 @@ def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | Non
             image_hw = check_image(image_paths[index])
         except (OSError, ValueError) as err:
             problems.append(err)
+    decoder = getattr(source, "decoder", None)
+    # A multi-label decoder counts its own way: (2C,) positive and valid pixels per channel.
+    count = getattr(decoder, "count", None) or (lambda m: count_labels(m, num_classes, ignore_index))
     try:
         mask = _read_labels(source, index)
-        counts, bad = count_labels(mask, num_classes, ignore_index)
+        counts, bad = count(mask)
     except (OSError, ValueError) as err:
         return PairScan(None, problems + [err])
     except TypeError as err:  # not integer labels
         return PairScan(None, problems + [TypeError(f"{mask_path}: {err}")])
     if image_hw is not None and image_hw != mask.shape:
         problems.append(size_mismatch_error(mask_path, mask.shape, image_paths[index], image_hw))
-    decoder = getattr(source, "decoder", None)
     if bad and getattr(decoder, "on_bad_label", "error") == "error":
-        problems.append(ValueError(bad_label_message(mask_path, bad, num_classes, ignore_index)))
+        labels = getattr(decoder, "num_labels", num_classes)  # a region decoder checks the labels of its regions
+        problems.append(ValueError(bad_label_message(mask_path, bad, labels, ignore_index)))
     return PairScan(None if problems else counts, problems)
 
 
@@ -168,7 +172,8 @@ def _fingerprint(source: Any, num_classes: int, ignore_index: int | None) -> str
         "label_mapping": _canonical(getattr(source, "label_mapping", None)),
         "on_bad_label": getattr(getattr(source, "decoder", None), "on_bad_label", "error"),
         # In pair order: a row of the matrix belongs to one pair.
-        "masks": _file_entries(source.mask_paths, root, "mask"),
+        "masks": _file_entries(source.mask_files() if hasattr(source, "mask_files") else source.mask_paths, root,
+                               "mask"),
         "images": _file_entries(getattr(source, "image_paths", None) or [], root, "image"),
     }
     return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()

@@ -11,6 +11,11 @@ Pascal VOC, so that border pixels whose class is ambiguous neither train nor sco
 The generator writes PNG images and index-PNG masks in the folder layout
 (``images/<split>/*.png``, ``masks/<split>/*.png``) and a ``synthetic.json`` recording its
 parameters; training then reads them through the ordinary folder dataset.
+
+``multilabel=True`` writes the multi-label variant in the ``binary_masks`` layout
+(``masks/<split>/<stem>/{region,spot,scratch,ignore}.png``): the same region and spot shapes as
+overlapping layers (a spot inside a region is in both), and a rare third layer, thin dark
+scratches across everything in half of the images (``make_layers``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from segtrain.errors import check_count
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("background", "region", "spot")
+LAYER_NAMES = ("region", "spot", "scratch")  # the channels of the multi-label set (generate.multilabel=true)
 META_FILE = "synthetic.json"
 GENERATOR_VERSION = 2
 MIN_SIZE = 16  # the smallest image the shapes fit in
@@ -76,6 +82,37 @@ def _boundary_band(mask: np.ndarray) -> np.ndarray:
 
 def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 (H, W, 3), mask uint8 (H, W)) pair."""
+    image, mask, _ = _draw(rng, size, ignore_index)
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), mask
+
+
+def make_layers(rng: np.random.Generator, scratch_rng: np.random.Generator, size: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One multi-label sample: (image uint8 (H, W, 3), layers bool (H, W, 3) = region, spot, scratch, ignored
+    bool (H, W)). Region and spot are ``make_sample``'s shapes, a spot inside a region positive in both; scratches,
+    thin straight streaks in half of the images (about 1% of the pixels), cross everything: the rare layer that
+    overlaps the others. The single-label boundary band is ignored in every channel. ``scratch_rng`` draws the
+    scratches after ``rng`` has drawn the rest, so region and spot are ``make_sample``'s of the same ``rng``."""
+    image, mask, region = _draw(rng, size, ignore_index=255)
+    ignored = mask == 255
+    scratch = np.zeros((size, size), dtype=bool)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(0 if scratch_rng.random() < 0.5 else int(scratch_rng.integers(1, 3))):
+        y0, x0, y1, x1 = scratch_rng.uniform(0, size, size=4)
+        length = max(np.hypot(y1 - y0, x1 - x0), 1.0)
+        # distance of every pixel to the segment's line, and where along it the pixel lies
+        along = ((yy - y0) * (y1 - y0) + (xx - x0) * (x1 - x0)) / length
+        across = np.abs((yy - y0) * (x1 - x0) - (xx - x0) * (y1 - y0)) / length
+        streak = (across <= max(0.75, size / 128)) & (along >= 0) & (along <= length)
+        image[streak] = image[streak] * 0.45 + scratch_rng.uniform(0.0, 0.2)
+        scratch |= streak
+    layers = np.stack([region, mask == 2, scratch], -1) & ~ignored[..., None]
+    picture = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return picture, layers, ignored
+
+
+def _draw(rng: np.random.Generator, size: int, ignore_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image float (H, W, 3) before clipping, mask uint8 (H, W), region layer bool (H, W))."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     mask = np.zeros((size, size), dtype=np.uint8)
 
@@ -99,6 +136,7 @@ def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) ->
         patch = (slice(cy - half, cy + half), slice(cx - half, cx + half))
         image[patch] = np.clip(base + rng.uniform(0.12, 0.3), 0, 1)
 
+    region_layer = mask == 1  # before spots cover parts of it
     num_spots = 0 if rng.random() < 0.25 else int(rng.integers(2, 9))
     for _ in range(num_spots):
         r = rng.uniform(0.03, 0.06) * size
@@ -113,19 +151,27 @@ def make_sample(rng: np.random.Generator, size: int, ignore_index: int = 255) ->
 
     image = image + rng.normal(0.0, 0.08, size=image.shape)
     mask[_boundary_band(mask)] = ignore_index
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), mask
+    return image, mask, region_layer
 
 
-def _write_split(root: Path, split: str, count: int, size: int, seed: int, ignore_index: int) -> None:
+def _write_split(root: Path, split: str, count: int, size: int, seed: int, ignore_index: int,
+                 multilabel: bool = False) -> None:
     image_dir, mask_dir = root / "images" / split, root / "masks" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         # One generator per sample: sample i is the same whatever the split's length.
         rng = np.random.default_rng([seed, i])
-        image, mask = make_sample(rng, size, ignore_index)
-        Image.fromarray(image).save(image_dir / f"{split}_{i:05d}.png")
-        Image.fromarray(mask).save(mask_dir / f"{split}_{i:05d}.png")
+        stem = f"{split}_{i:05d}"
+        if multilabel:  # the binary_masks layout: masks/<split>/<stem>/<layer>.png and ignore.png
+            image, layers, ignored = make_layers(rng, np.random.default_rng([seed, i, 1]), size)
+            (mask_dir / stem).mkdir()
+            for name, layer in zip((*LAYER_NAMES, "ignore"), (*np.moveaxis(layers, -1, 0), ignored)):
+                Image.fromarray(layer.astype(np.uint8) * 255).save(mask_dir / stem / f"{name}.png")
+        else:
+            image, mask = make_sample(rng, size, ignore_index)
+            Image.fromarray(mask).save(mask_dir / f"{stem}.png")
+        Image.fromarray(image).save(image_dir / f"{stem}.png")
 
 
 def _check_params(num_train: Any, num_val: Any, size: Any, seed: Any, ignore_index: Any) -> None:
@@ -148,6 +194,7 @@ def ensure_synthetic(
     seed: int = 0,
     ignore_index: int = 255,
     write: bool = True,
+    multilabel: bool = False,
 ) -> Path:
     """Write the dataset under ``root`` unless the same parameters are already there.
 
@@ -167,6 +214,8 @@ def ensure_synthetic(
         "seed": seed,
         "ignore_index": ignore_index,
     }
+    if multilabel:  # absent otherwise: a single-label set written before this key existed stays valid
+        params["multilabel"] = True
     meta_path = root / META_FILE
     if meta_path.is_file() and json.loads(meta_path.read_text()) == params:
         return root
@@ -183,8 +232,8 @@ def ensure_synthetic(
     shutil.rmtree(staging, ignore_errors=True)
     log.info("writing synthetic dataset (%d train, %d val, %dx%d) to %s", num_train, num_val, size, size, root)
     try:
-        _write_split(staging, "train", num_train, size, seed, ignore_index)
-        _write_split(staging, "val", num_val, size, seed + 1, ignore_index)
+        _write_split(staging, "train", num_train, size, seed, ignore_index, multilabel)
+        _write_split(staging, "val", num_val, size, seed + 1, ignore_index, multilabel)
         if meta_path.is_file():
             log.info("synthetic dataset at %s has other parameters; replacing it", root)
             meta_path.unlink()  # first: a set without its json is never taken for a complete one

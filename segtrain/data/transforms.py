@@ -76,11 +76,13 @@ def train_transform(
     class_frequency: Sequence[float] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    channels: int | None = None,
 ) -> A.Compose:
     """The training preset; ``color_jitter=s`` jitters brightness, contrast and saturation by
     up to ``s`` and hue by up to ``s / 4`` (capped at 0.5), in 80% of the draws.
     ``class_frequency`` (``ClassStats.frequency`` of the training split) is what rare-class
-    cropping (``rare_crop_p > 0``) draws classes by."""
+    cropping (``rare_crop_p > 0``) draws classes by. ``channels``: the masks are multi-label codes of that many
+    channels (``segtrain.data.multilabel``) and ``ignore_index`` is their padding code."""
     steps: list[A.BasicTransform] = []
     if scale_range is not None:
         low, high = scale_range
@@ -91,7 +93,8 @@ def train_transform(
         height, width = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
         steps.append(A.PadIfNeeded(min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT,
                                    fill=0, fill_mask=ignore_index))
-        steps.append(ClassAwareCrop(height, width, ignore_index, rare_crop_p, cat_max_ratio, class_frequency))
+        steps.append(ClassAwareCrop(height, width, ignore_index, rare_crop_p, cat_max_ratio, class_frequency,
+                                    channels=channels))
     elif rare_crop_p or cat_max_ratio is not None:
         raise ValueError("dataset.sampling.rare_crop_p and cat_max_ratio choose where to crop: they need "
                          "dataset.augment.crop_size")

@@ -9,7 +9,9 @@ turned back into BatchNorm. With a normalisation table (``input=uint8``) it take
 uint8 values 0-255 and looks each one up in a (C, 256) float32 table made by the checkpoint's own
 evaluation transform, so the graph normalises exactly as ``segtrain.predict`` does. Heads:
 ``logits`` as the model gives them; ``probabilities``, a softmax over classes; ``argmax``, the
-(N, H, W) class mask. The models pad and crop without branching on the input size
+(N, H, W) class mask. A multi-label model (``multilabel=True``) gives a sigmoid per channel as its
+probabilities and, as its mask, the (N, C, H, W) decisions probability > 0.5 (``head=mask`` names
+the same head for either kind). The models pad and crop without branching on the input size
 (``models.blocks.pad_to_multiple``), so one trace is right at every height and width.
 """
 
@@ -30,9 +32,9 @@ from segtrain.errors import check_choice
 
 log = logging.getLogger(__name__)
 
-HEADS = ("logits", "probabilities", "argmax")
+HEADS = ("logits", "probabilities", "argmax", "mask")
 # The graph's output by head ("argmax" would clash with the node of that name in the ONNX graph).
-OUTPUT_NAMES = {"logits": "logits", "probabilities": "probabilities", "argmax": "mask"}
+OUTPUT_NAMES = {"logits": "logits", "probabilities": "probabilities", "argmax": "mask", "mask": "mask"}
 INPUTS = ("float", "uint8")
 MASK_DTYPES = {"uint8": torch.uint8, "int64": torch.int64}
 EXTRA_HINT = "pip install -e '.[export]' (or pip install onnx onnxscript onnxruntime)"
@@ -64,12 +66,13 @@ class DeployModel(nn.Module):
     """``model`` with its input normalisation (``lut``, for uint8 input) and output head in one graph."""
 
     def __init__(self, model: nn.Module, head: str = "logits", lut: torch.Tensor | None = None,
-                 mask_dtype: str = "uint8") -> None:
+                 mask_dtype: str = "uint8", multilabel: bool = False) -> None:
         super().__init__()
         check_choice("head", head, HEADS)
         check_choice("mask_dtype", mask_dtype, tuple(MASK_DTYPES))
         self.model = plain_batchnorm(model).eval()
-        self.head, self.mask_dtype = head, MASK_DTYPES[mask_dtype]
+        self.head, self.mask_dtype = "argmax" if head == "mask" else head, MASK_DTYPES[mask_dtype]
+        self.multilabel = multilabel
         self.uint8 = lut is not None
         if lut is not None:
             # Flat table and per-channel offsets: one gather looks every value up in its channel's row.
@@ -82,6 +85,9 @@ class DeployModel(nn.Module):
         logits = self.model(x)
         if self.head == "logits":
             return logits
+        if self.multilabel:  # segtrain.metrics.channel_decisions' rule: probability > 0.5
+            probs = logits.float().sigmoid()
+            return probs if self.head == "probabilities" else (probs > 0.5).to(self.mask_dtype)
         if self.head == "probabilities":
             return logits.softmax(dim=1)
         return logits.argmax(dim=1).to(self.mask_dtype)
@@ -150,12 +156,16 @@ def metadata(*, class_names: list[str], palette: np.ndarray, mean: Sequence[floa
     else:
         layout = f"image: (N, {channels}, H, W) float32, (value / 255 - mean) / std per channel, RGB order"
     layout += f"; any H, W >= {min_size(net)}"
+    mask_dtype = str(net.mask_dtype).removeprefix("torch.")
     outputs = {"logits": "(N, K, H, W) float32 logits", "probabilities": "(N, K, H, W) float32 probabilities",
-               "argmax": f"(N, H, W) {str(net.mask_dtype).removeprefix('torch.')} label indices"}
+               "argmax": f"(N, H, W) {mask_dtype} label indices"}
+    if net.multilabel:
+        outputs.update(probabilities="(N, K, H, W) float32 sigmoid probabilities, one per channel",
+                       argmax=f"(N, K, H, W) {mask_dtype} per-channel masks, 1 where probability > 0.5")
     return {
         "segtrain_version": segtrain.__version__, "exporter": exporter, "checkpoint": checkpoint,
         "class_names": class_names, "label_names": class_names, "palette": palette.tolist(),
         "mean": list(mean), "std": list(std), "input_name": "image", "input_layout": layout,
         "input_dtype": "uint8" if net.uint8 else "float32", "min_size": min_size(net), "head": net.head,
-        "output_name": OUTPUT_NAMES[net.head], "output_layout": outputs[net.head],
+        "output_name": OUTPUT_NAMES[net.head], "output_layout": outputs[net.head], "multilabel": net.multilabel,
     }

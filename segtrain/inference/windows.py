@@ -46,6 +46,7 @@ class InferenceOptions:
     flips: tuple[str, ...] = ()  # "h" (left-right), "v" (up-down): each averaged with the unflipped pass
     scales: tuple[float, ...] = (1.0,)
     amp_dtype: torch.dtype | None = None  # autocast dtype of the forward passes
+    multilabel: bool = False  # one sigmoid per channel: windows blend sigmoid probabilities, not a softmax
 
     def __post_init__(self) -> None:
         check_choice("inference.mode", self.mode, MODES)
@@ -169,8 +170,9 @@ def sliding_window(probs_fn: ProbsFn, image: torch.Tensor, tile: Sequence[int], 
 
 
 def probabilities_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
-                     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbsFn:
-    """Batch -> float32 softmax of ``model``'s logits, computed in float32
+                     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     multilabel: bool = False) -> ProbsFn:
+    """Batch -> float32 softmax of ``model``'s logits (``multilabel``: a sigmoid per channel), computed in float32
     whatever precision the forward pass ran in (fp16 logits of 1e4 give finite probabilities)."""
 
     @torch.no_grad()
@@ -180,7 +182,7 @@ def probabilities_fn(model: torch.nn.Module, amp_dtype: torch.dtype | None = Non
         logits = logits.float()
         if logit_transform is not None:
             logits = logit_transform(logits)
-        return logits.softmax(dim=1)
+        return logits.sigmoid() if multilabel else logits.softmax(dim=1)
 
     return probs
 
@@ -193,7 +195,7 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, options: Inferenc
                   out_device: torch.device | None = None,
                   logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(K, H, W) float32 probabilities of one normalised image (C, H, W), as ``options`` say."""
-    probs_fn = probabilities_fn(model, options.amp_dtype, logit_transform)
+    probs_fn = probabilities_fn(model, options.amp_dtype, logit_transform, options.multilabel)
     height, width = image.shape[-2:]
     total = None
     for scale in options.scales:
@@ -213,8 +215,10 @@ def labels_of(probs: torch.Tensor) -> torch.Tensor:
     return class_argmax(probs[None])[0]
 
 
-def as_logits(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Logits whose softmax gives ``probs`` back, for losses and metrics."""
+def as_logits(probs: torch.Tensor, eps: float = 1e-12, multilabel: bool = False) -> torch.Tensor:
+    """Logits whose softmax (``multilabel``: sigmoid) gives ``probs`` back, for losses and metrics."""
+    if multilabel:  # clamped where float32 still tells 1 - p from 1: the logit stays finite
+        return probs.logit(eps=max(eps, 1e-6))
     return probs.clamp_min(eps).log()
 
 
@@ -226,7 +230,8 @@ def infer_batch(model: torch.nn.Module, images: torch.Tensor, options: Inference
             return model(images)
         with torch.autocast(images.device.type, dtype=options.amp_dtype):
             return model(images)
-    return as_logits(torch.stack([predict_probs(model, image, options) for image in images]))
+    return as_logits(torch.stack([predict_probs(model, image, options) for image in images]),
+                     multilabel=options.multilabel)
 
 
 def scored_logits(model: torch.nn.Module, images: torch.Tensor, size: Sequence[int],

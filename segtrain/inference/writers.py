@@ -6,6 +6,13 @@ so an interrupted run never leaves a half-written mask behind.
     <key>_overlay.jpg  the image with the colours blended over it
     <key>_prob.npz     float16 (K, H, W) probabilities, and the class names
     legend.png         the colours and class names, once per output folder
+
+Multi-label models (``MultilabelWriter``) write what their dataset layout reads (``dataset.layout=binary_masks``):
+
+    <key>/<class>.png  one binary mask per channel, 0 absent, 255 present
+    <key>_color.png    every channel in its colour on black, overlaps mixed (RGB)
+    <key>_overlay.jpg  the same over the image
+    <key>_prob.npz     float16 (C, H, W) sigmoid probabilities, and the channel names
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from segtrain.atomic import atomic_write
-from segtrain.visualize import legend
+from segtrain.visualize import channel_colours, channel_overlay, legend
 
 SUFFIXES = {"mask": ".png", "color": "_color.png", "overlay": "_overlay.jpg", "probabilities": "_prob.npz"}
 
@@ -99,3 +106,29 @@ class PredictionWriter:
     def _save_probs(self, tmp: Path, probs: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, probabilities=probs.astype(np.float16), class_names=np.array(self.class_names))
+
+
+class MultilabelWriter(PredictionWriter):
+    """``PredictionWriter`` for multi-label decisions (C, H, W): the files in the module docstring. The channel masks
+    are written last, the image's folder only then complete."""
+
+    def paths(self, key: str) -> dict[str, Path]:
+        paths = {kind: self.root / f"{key}{SUFFIXES[kind]}" for kind in self.kinds if kind != "mask"}
+        return {**paths, **{f"mask of {name}": self.root / key / f"{name}.png" for name in self.class_names}}
+
+    def write(self, key: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """``labels``: (C, H, W) bool decisions."""
+        rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+        for kind, path in self.paths(key).items():
+            if kind == "color":
+                colours = channel_colours(labels, self.palette)[0].round().astype(np.uint8)
+                atomic_write(path, lambda tmp: Image.fromarray(colours).save(tmp, format="PNG"))
+            elif kind == "overlay":
+                picture = channel_overlay(rgb, labels, self.palette, alpha=0.5)
+                atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=90))
+            elif kind == "probabilities":
+                atomic_write(path, lambda tmp: self._save_probs(tmp, probs))
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        for c, name in enumerate(self.class_names):
+            layer = Image.fromarray(labels[c].astype(np.uint8) * 255)
+            atomic_write(self.root / key / f"{name}.png", lambda tmp: layer.save(tmp, format="PNG"))

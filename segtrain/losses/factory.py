@@ -18,10 +18,11 @@ from segtrain.losses.dice import DiceLoss, GeneralizedDiceLoss
 from segtrain.losses.focal import FocalLoss
 from segtrain.losses.functional import as_class_weights
 from segtrain.losses.lovasz import LovaszSoftmaxLoss
+from segtrain.losses.multilabel import MultilabelBCELoss, MultilabelDiceLoss, MultilabelFocalLoss
 from segtrain.losses.tversky import TverskyLoss
 
-# Term name -> class. Models are softmax models of two classes or more (binary data: background and foreground);
-# the sigmoid losses (BinaryFocalLoss, ...) are library modules for code of one's own, not config terms.
+# Term name -> class, for softmax models of two classes or more (binary data: background and foreground).
+# The one-channel sigmoid losses (BinaryFocalLoss, ...) are library modules for code of one's own, not config terms.
 LOSS_REGISTRY: dict[str, type[nn.Module]] = {
     "ce": CrossEntropyLoss,
     "focal": FocalLoss,
@@ -30,6 +31,13 @@ LOSS_REGISTRY: dict[str, type[nn.Module]] = {
     "gdice": GeneralizedDiceLoss,
     "tversky": TverskyLoss,
     "lovasz": LovaszSoftmaxLoss,
+}
+# Term name -> class for multi-label models (build_loss(..., multilabel=True)): one sigmoid per channel.
+# focal and dice take the options of their softmax namesakes, so configs/loss/focal_dice.yaml works in both modes.
+MULTILABEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "bce": MultilabelBCELoss,
+    "focal": MultilabelFocalLoss,
+    "dice": MultilabelDiceLoss,
 }
 # Keys of a term that build_loss reads itself; every other key goes to the constructor.
 TERM_KEYS = ("loss_weight", "use_class_weights")
@@ -41,6 +49,7 @@ def build_loss(
     num_classes: int | None = None,
     ignore_index: int | None = 255,
     fuse: bool = True,
+    multilabel: bool = False,
 ) -> CompositeLoss:
     """Build the weighted sum of the terms in ``loss_cfg["terms"]``.
 
@@ -48,21 +57,25 @@ def build_loss(
         loss_fn = build_loss(cfg, class_weights, num_classes=5).to(device)
         out = loss_fn(logits, masks)  # {"loss": focal + dice, "focal": ..., "dice": ...}
 
-    Term names are the keys of LOSS_REGISTRY.
+    Term names are the keys of LOSS_REGISTRY, or of MULTILABEL_REGISTRY with ``multilabel=True``
+    (logits (N, C, H, W) with one sigmoid per channel, target (N, C, H, W) of 0, 1 and ignore_index;
+    ``class_weights`` are then the positive-class weights of the channels).
     Per term, ``loss_weight`` (default 1.0) scales it in the sum and ``use_class_weights``
     (default true) lets ``class_weights`` reach it when its class takes a ``weight``; every
     other key is a constructor argument. ``ignore_index`` goes to every term. The terms are
     computed as ``CompositeLoss`` does: a focal/CE + Dice pair fused unless ``fuse=False``.
     """
     terms_cfg = _terms_of(loss_cfg)
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-        raise ValueError(f"num_classes must be an integer >= 2 (binary data: background and foreground) or None, "
-                         f"got {num_classes!r}")
+    # A multi-label model of one channel is valid (one sigmoid mask); a softmax model needs two classes.
+    minimum, why = (1, "one sigmoid channel per class") if multilabel else (2, "binary data: background and foreground")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < minimum):
+        raise ValueError(f"num_classes must be an integer >= {minimum} ({why}) or None, got {num_classes!r}")
     class_weights = as_class_weights(class_weights)
     if class_weights is not None and num_classes is not None and len(class_weights) != num_classes:
         raise ValueError(f"class_weights has {len(class_weights)} entries but num_classes is {num_classes}")
+    registry = MULTILABEL_REGISTRY if multilabel else LOSS_REGISTRY
     terms = {
-        name: _build_term(str(name), term_cfg, LOSS_REGISTRY, class_weights, num_classes, ignore_index)
+        name: _build_term(str(name), term_cfg, registry, class_weights, num_classes, ignore_index)
         for name, term_cfg in terms_cfg.items()
     }
     return CompositeLoss(terms, fuse=fuse)
@@ -91,7 +104,7 @@ def _build_term(
     ignore_index: int | None,
 ) -> tuple[nn.Module, float]:
     if name not in registry:
-        raise ValueError(choice_message("loss.terms", name, sorted(registry), "is not a loss term"))
+        raise ValueError(_unknown_term_message(name, registry))
     if term_cfg is not None and not isinstance(term_cfg, Mapping):
         raise ValueError(f"loss term {name!r}: expected a mapping of options, got {term_cfg!r}")
     options = dict(term_cfg or {})
@@ -116,6 +129,17 @@ def _build_term(
     if "ignore_index" in params:
         options["ignore_index"] = ignore_index
     return cls(**options), loss_weight
+
+
+def _unknown_term_message(name: str, registry: Mapping[str, type[nn.Module]]) -> str:
+    """Why ``name`` is not a term here; a term of the other mode says which mode it belongs to."""
+    if registry is MULTILABEL_REGISTRY and name in LOSS_REGISTRY:
+        return (f"loss.terms={name!r} is a softmax loss; multi-label data trains one sigmoid per channel: use bce "
+                f"(loss=bce or bce_dice); multi-label terms: {', '.join(sorted(registry))}")
+    if registry is LOSS_REGISTRY and name in MULTILABEL_REGISTRY:
+        return (f"loss.terms={name!r}: {name} is the multi-label loss (dataset.regions or "
+                f"dataset.layout=binary_masks); softmax models use ce")
+    return choice_message("loss.terms", name, sorted(registry), "is not a loss term")
 
 
 def _loss_weight_of(name: str, options: dict) -> float:

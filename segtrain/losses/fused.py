@@ -22,7 +22,8 @@ from segtrain.losses.functional_fused import focal_dice_loss
 def fusable_pair(terms: Mapping[str, nn.Module]) -> tuple[str, str] | None:
     """Names of a pixel term (focal, or cross-entropy without smoothing) and a Dice term to compute together.
 
-    Exact classes only: a subclass may have changed what its forward computes.
+    Exact classes only: a subclass may have changed what its forward computes. The multi-label
+    terms (MultilabelFocalLoss, MultilabelDiceLoss) are other classes, so they are never fused.
     """
     pixel = next((name for name, m in terms.items() if type(m) is FocalLoss
                   or (type(m) is CrossEntropyLoss and m.label_smoothing == 0)), None)

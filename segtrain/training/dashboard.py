@@ -16,7 +16,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from segtrain.visualize import confusion_matrix_image, denormalize, overlay_panel, reliability_diagram
+from segtrain.visualize import (channel_confusion_image, confusion_matrix_image, denormalize, overlay_panel,
+                                reliability_diagram)
 
 PER_CLASS_METRICS = ("dice", "iou", "precision", "recall")
 
@@ -60,7 +61,8 @@ class TensorBoardLogger:
                    step: int, hard_cases: dict[str, np.ndarray] | None = None, calibration=None) -> None:
         """The confusion matrix, the overlays of the fixed validation samples, each class's worst images
         (``hard_cases.galleries``) and the reliability diagram of a ``calibration.ReliabilityHistogram``."""
-        self.image("val/confusion_matrix", confusion_matrix_image(matrix, self.class_names), step)
+        picture = channel_confusion_image if matrix.dim() == 3 else confusion_matrix_image  # multi-label: 2x2 each
+        self.image("val/confusion_matrix", picture(matrix, self.class_names), step)
         for name, gallery in (hard_cases or {}).items():
             self.image(f"val/hard_cases/{name}", gallery, step)
         if calibration is not None:

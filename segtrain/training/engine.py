@@ -23,7 +23,7 @@ from segtrain.analysis.per_image import PerImageConfusion
 from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, scored_logits
-from segtrain.metrics import ConfusionMatrix, class_argmax, flatten_metrics, format_table
+from segtrain.metrics import ChannelConfusion, ConfusionMatrix, decide, flatten_metrics, format_table
 from segtrain.runtime import Runtime
 from segtrain.training.early_stopping import EarlyStopping
 from segtrain.training.meter import TrainMeter
@@ -63,6 +63,7 @@ class FitOptions:
     ema_evaluate: bool = True  # with trainer.ema: evaluate (and choose best.pt by) the averaged weights
     calibration_bins: int | None = 15  # reliability bins of val/ece; None: not measured
     tensorboard_k: int = 4  # worst images per class drawn as val/hard_cases/<class> at each evaluation
+    multilabel: bool = False  # one sigmoid per channel, targets (N, C, H, W) (segtrain.data.multilabel)
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether ``checkpoint_every`` asks for last.pt after optimizer step ``step``."""
@@ -81,7 +82,7 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
         steps = min(steps, opts.max_steps - state.step)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{opts.epochs}", disable=not opts.progress,
                leave=False, dynamic_ncols=True)
-    meter = TrainMeter(opts.class_names, opts.ignore_index, opts.grad_accum)
+    meter = TrainMeter(opts.class_names, opts.ignore_index, opts.grad_accum, opts.multilabel)
     batches = iter(loader)
     for i in range(steps):
         for micro in range(opts.grad_accum):
@@ -137,7 +138,7 @@ def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
 @dataclass
 class Evaluation:
     metrics: dict[str, Any]  # ConfusionMatrix.compute() plus "loss" (and "ece", "class_ece" when measured)
-    matrix: torch.Tensor  # (C, C) counts, rows = true class
+    matrix: torch.Tensor  # (C, C) counts, rows = true class; multi-label (C, 2, 2), one per channel
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (image, target, prediction), CPU
     per_image: tuple[list[int], torch.Tensor] | None = None  # dataset indices, their (M, C, C) matrices (all ranks)
     calibration: ReliabilityHistogram | None = None
@@ -146,16 +147,17 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
              num_samples: int = 0, inference: InferenceOptions | None = None, per_image: bool = False,
-             calibration_bins: int | None = None) -> Evaluation:
+             calibration_bins: int | None = None, multilabel: bool = False) -> Evaluation:
     """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
     loss per batch, and the first ``num_samples`` images with their predictions. ``inference``
     (sliding windows, test-time augmentation) scores the log of its blended probabilities.
     ``per_image``: every image's confusion matrix too; ``calibration_bins``: reliability histograms and
-    top-label / per-class ECE. Both accumulate on the device: no host read per batch."""
+    top-label / per-class ECE. Both accumulate on the device: no host read per batch. ``multilabel``: targets
+    (N, C, H, W), one sigmoid decision per channel, a 2x2 matrix per channel."""
     model.eval()
-    matrix = ConfusionMatrix(num_classes, ignore_index, device=rt.device)
-    images_cm = PerImageConfusion(num_classes, ignore_index, device=rt.device) if per_image else None
-    histogram = ReliabilityHistogram(num_classes, calibration_bins, ignore_index, rt.device) \
+    matrix = (ChannelConfusion if multilabel else ConfusionMatrix)(num_classes, ignore_index, device=rt.device)
+    images_cm = PerImageConfusion(num_classes, ignore_index, rt.device, multilabel) if per_image else None
+    histogram = ReliabilityHistogram(num_classes, calibration_bins, ignore_index, rt.device, multilabel) \
         if calibration_bins else None
     order = list(loader.sampler)  # the dataset indices in the order the batches hold them
     loss_sum, batches, seen = torch.zeros((), device=rt.device), 0, 0
@@ -165,12 +167,12 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
         with rt.autocast():
             logits = scored_logits(model, images, masks.shape[-2:], inference)
             loss_sum += loss_fn(logits, masks)["loss"].float()
-        preds = class_argmax(logits)
+        preds = decide(logits, multilabel)
         matrix.update(preds, masks)
         if images_cm is not None:
             images_cm.update(preds, masks, order[seen : seen + images.shape[0]])
         if histogram is not None:
-            histogram.update(logits, masks, preds)
+            histogram.update(logits, masks, None if multilabel else preds)
         batches += 1
         seen += images.shape[0]
         if len(samples) < num_samples:  # the loader is unshuffled: always the same images
@@ -197,7 +199,7 @@ def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime,
                             opts: FitOptions, out: RunOutput) -> dict[str, float]:
     result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
                       opts.ignore_index, opts.num_samples if out.logger is not None else 0, opts.inference,
-                      per_image=True, calibration_bins=opts.calibration_bins)
+                      per_image=True, calibration_bins=opts.calibration_bins, multilabel=opts.multilabel)
     out.last_evaluation = result
     final = flatten_metrics(result.metrics, opts.class_names, "val")
     log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
@@ -268,7 +270,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
     if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
         result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
                           opts.ignore_index, inference=opts.inference, per_image=True,
-                          calibration_bins=opts.calibration_bins)
+                          calibration_bins=opts.calibration_bins, multilabel=opts.multilabel)
         out.last_evaluation = result
         final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final

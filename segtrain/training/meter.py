@@ -31,10 +31,11 @@ class Interval:
 
 
 class TrainMeter:
-    def __init__(self, class_names: list[str], ignore_index: int = 255, grad_accum: int = 1) -> None:
+    def __init__(self, class_names: list[str], ignore_index: int = 255, grad_accum: int = 1,
+                 multilabel: bool = False) -> None:
         self.class_names = list(class_names)
         self.grad_accum = grad_accum
-        self.soft_dice = SoftDiceTracker(len(class_names), ignore_index)
+        self.soft_dice = SoftDiceTracker(len(class_names), ignore_index, multilabel)
         self._reset()
 
     def _reset(self) -> None:
