@@ -231,6 +231,26 @@ def test_regions_train_as_their_written_masks(runs):
     assert regions["parameters_sha256"] == binary["parameters_sha256"]
     assert regions["final"] == binary["final"]
     assert regions["class_names"] == binary["class_names"] == NAMES
+    report = (runs / "run_regions/eval/val/report.md").read_text()  # the hard cases, per channel
+    assert all(f"## {name}" in report for name in NAMES) and (runs / "run_regions/eval/val/gallery_outer.png").is_file()
+
+
+def test_dataset_check_and_repeat_factors_per_channel(runs):
+    from segtrain.build.data import _repeat_factors
+    from segtrain.data.check import check_split, format_report
+
+    dataset = BinaryMaskDataset(runs / "binary", "train", 3, class_names=NAMES)
+    report = check_split(dataset)
+    counts = np.stack([channel_counts(dataset.load_mask(i), 3) for i in range(len(dataset))])
+    np.testing.assert_array_equal(report.pixel_count, counts[:, :3].sum(0))
+    np.testing.assert_array_equal(report.valid_count, counts[:, 3:].sum(0))
+    share = counts[:, 2].sum() / counts[:, 5].sum()  # scratch against its own valid pixels
+    assert f"{share:.2%}" in format_report(report, NAMES).splitlines()[-1]
+    # repeat factors from the channels' presence: r = max(1, sqrt(t / f)), f = share of images with the channel
+    ds = compose_config(_overrides(runs, "binary") + ["dataset.sampling.repeat_thresh=0.9"]).dataset
+    presence = counts[:, :3] > 0
+    per_channel = np.maximum(1.0, np.sqrt(0.9 / presence.mean(0)))
+    np.testing.assert_allclose(_repeat_factors(counts, ds), np.where(presence, per_channel, 1.0).max(1))
 
 
 @torch.no_grad()
@@ -263,7 +283,8 @@ def test_evaluate_scores_each_channel_as_torchmetrics(runs, form):
     assert metrics["class_ece"].shape == (3,) and math.isfinite(metrics["ece"])
 
 
-def test_calibrate_predict_and_export_agree(runs, tmp_path):
+@pytest.mark.parametrize("form", ["regions", "binary"])
+def test_calibrate_predict_and_export_agree(runs, tmp_path, form):
     """Tuned thresholds stored and applied; predict's per-class PNGs give evaluate's numbers; the exported mask head
     gives predict's masks in ONNX Runtime."""
     import onnxruntime as ort
@@ -272,7 +293,7 @@ def test_calibrate_predict_and_export_agree(runs, tmp_path):
     from segtrain.evaluate import evaluate_checkpoint
     from segtrain.predict import main as predict_main
 
-    checkpoint = runs / "run_binary/checkpoints/last.pt"
+    checkpoint = runs / f"run_{form}/checkpoints/last.pt"
     target_ckpt, entry = calibrate(checkpoint, ["decision.tune=true", "decision.objective=mDice",
                                                 "dataset.split=train"], str(tmp_path / "cal.pt"))
     assert entry["multilabel"] and len(entry["thresholds"]) == 3
