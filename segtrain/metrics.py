@@ -73,20 +73,25 @@ class ConfusionMatrix:
         is left out of the means.
         """
         m = self.matrix.double().cpu()
-        scores = class_scores(m)
+        scores = self.scores(m)
         total = m.sum()
         return {
             **scores,
             "mIoU": float(scores["iou"].nanmean()),
             "mDice": float(scores["dice"].nanmean()),
-            "pixel_acc": float(m.diag().sum() / total) if total > 0 else math.nan,
+            "pixel_acc": float(m.diagonal(dim1=-2, dim2=-1).sum() / total) if total > 0 else math.nan,
         }
 
+    @staticmethod
+    def scores(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        return class_scores(matrix)
 
-class ChannelConfusion:
+
+class ChannelConfusion(ConfusionMatrix):
     """Multi-label: one 2x2 count matrix per channel, (C, 2, 2) on the model's device, rows = truth (absent,
-    present), columns = prediction; ignored (pixel, channel) entries count nowhere. The same interface as
-    ``ConfusionMatrix``: ``update`` (one bincount, no host sync), ``all_reduce``, ``compute``."""
+    present), columns = prediction; ignored (pixel, channel) entries count nowhere. ``compute`` gives each channel's
+    ``iou``, ``dice``, ``precision``, ``recall`` of its present class, their means over the channels, and
+    ``pixel_acc``: the share of right decisions over every valid (pixel, channel) entry."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         self.num_classes = num_classes
@@ -105,22 +110,9 @@ class ChannelConfusion:
             self.matrix = self.matrix.to(target.device)
         self.matrix += channel_counts(preds, target, self.ignore_index).sum(0)
 
-    def all_reduce(self) -> None:
-        all_reduce_sum(self.matrix)
-
-    def compute(self) -> dict[str, torch.Tensor | float]:
-        """Per channel ``iou``, ``dice``, ``precision``, ``recall`` of its present class (NaN where undefined), their
-        means ``mIoU``, ``mDice`` over the channels, and ``pixel_acc``: the share of right decisions over every
-        valid (pixel, channel) entry."""
-        m = self.matrix.double().cpu()
-        scores = channel_scores(m)
-        total = m.sum()
-        return {
-            **scores,
-            "mIoU": float(scores["iou"].nanmean()),
-            "mDice": float(scores["dice"].nanmean()),
-            "pixel_acc": float(m.diagonal(dim1=-2, dim2=-1).sum() / total) if total > 0 else math.nan,
-        }
+    @staticmethod
+    def scores(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        return channel_scores(matrix)
 
 
 def channel_counts(preds: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from segtrain.data.folder import IMAGE_EXTENSIONS, FolderDataset
 from segtrain.data.multilabel import BinaryMaskDecoder
-from segtrain.data.pairing import Pairing, files_by_key
+from segtrain.data.pairing import files_by_key, pair_keys
 
 
 class BinaryMaskDataset(FolderDataset):
@@ -37,14 +37,7 @@ class BinaryMaskDataset(FolderDataset):
             raise FileNotFoundError(f"{mask_path}: directory not found (expected one folder per image, "
                                     "<stem>/<class_name>.png)")
         folders = {p.name: p for p in mask_path.iterdir() if p.is_dir()}
-        pairing = Pairing()
-        for key in sorted(images.keys() - folders.keys()):
-            pairing.problems.append(f"{images[key]}: no mask folder {mask_path / key}")
-        for key in sorted(folders.keys() - images.keys()):
-            pairing.problems.append(f"{folders[key]}: no image with key '{key}' in {image_path}")
-        for key in sorted(images.keys() & folders.keys()):
-            pairing.image_paths.append(images[key])
-            pairing.mask_paths.append(folders[key])
+        pairing = pair_keys(images, folders, image_path, lambda key: f"no mask folder {mask_path / key}")
         self.unpaired = self._accept(pairing, allow_unpaired)
         if not pairing.image_paths:
             raise FileNotFoundError(f"{image_path}: empty split '{split}', expected images "

@@ -26,6 +26,7 @@ batch with the sampling noise rather than reflect the real imbalance.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -176,28 +177,24 @@ def compute_class_weights(
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def compute_channel_weights(
-    stats,
-    strategy: str,
-    *,
-    normalize: str = "none",
-    max_weight: float | None = None,
-    absent: str = "zero",
-    beta: float = 0.9999,
-    count: str = "images",
-    k: float = 1.02,
-    values: Sequence[float] | None = None,
-    class_names: Sequence[str] | None = None,
-) -> torch.Tensor:
+def compute_channel_weights(stats, strategy: str, *, class_names: Sequence[str] | None = None,
+                            **options: Any) -> torch.Tensor:
     """Multi-label data: one positive-class weight per channel (``pos_weight`` of a sigmoid loss), (C,) float32.
 
     Each channel is its own two-class problem, present against absent, so a strategy gives the two classes of a
     channel their weights [w_absent, w_present] from the channel's ``ClassStats`` (``ChannelStats.binary``) and the
     channel's weight is w_present / w_absent: ``inverse_freq`` gives absent pixels / present pixels, the usual
     ``pos_weight``. ``manual`` values are the per-channel weights themselves; ``max_weight`` clips them.
-    ``normalize=mean`` does not apply: a ratio of 1 already means "balanced as the data is".
+    ``normalize=mean`` does not apply: a ratio of 1 already means "balanced as the data is". ``options`` are
+    ``compute_class_weights``' keyword options (the keys of ``configs/weights/*.yaml``).
     """
-    _check_options(strategy, normalize, max_weight, absent, beta, count, k, values)
+    known = inspect.signature(compute_class_weights).parameters
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"compute_channel_weights: unknown option(s) {unknown}")
+    o = {name: p.default for name, p in known.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} | options
+    normalize, max_weight, absent, values = o["normalize"], o["max_weight"], o["absent"], o["values"]
+    _check_options(strategy, normalize, max_weight, absent, o["beta"], o["count"], o["k"], values)
     if normalize != "none":
         raise ValueError("weights.normalize=mean: in multi-label mode a weight is each channel's present/absent "
                          "ratio (1 = as the data is), not a share of a class mean; set weights.normalize=none")
@@ -209,7 +206,7 @@ def compute_channel_weights(
         for c, binary in enumerate(stats.binary):
             present = binary.pixel_count > 0
             if present.all():
-                raw = _raw_weights(binary, strategy, present, beta, count, k)
+                raw = _raw_weights(binary, strategy, present, o["beta"], o["count"], o["k"])
                 weights[c] = raw[1] / raw[0]
     missing = np.flatnonzero(stats.positive == 0).tolist()
     if missing:

@@ -45,9 +45,14 @@ def pair_by_key(image_dir: Path, mask_dir: Path, image_suffixes: Sequence[str], 
     """Every image with a mask of the same key; unmatched files on either side are problems."""
     images = files_by_key(image_dir, image_suffixes, recursive)
     masks = files_by_key(mask_dir, (mask_suffix,), recursive)
+    return pair_keys(images, masks, image_dir, lambda key: f"no mask {mask_dir / (key + mask_suffix)}")
+
+
+def pair_keys(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, missing) -> Pairing:
+    """The pairs of the keys both sides have; ``missing(key)`` says what an image without a mask lacks."""
     out = Pairing()
     for key in sorted(images.keys() - masks.keys()):
-        out.problems.append(f"{images[key]}: no mask {mask_dir / (key + mask_suffix)}")
+        out.problems.append(f"{images[key]}: {missing(key)}")
     for key in sorted(masks.keys() - images.keys()):
         out.problems.append(f"{masks[key]}: no image with key '{key}' in {image_dir}")
     for key in sorted(images.keys() & masks.keys()):
