@@ -157,8 +157,9 @@ def _print_summary(entry: dict, before: torch.Tensor, after: torch.Tensor, class
                    target: Path) -> None:
     where = entry["fitted_on"]["name"]
     print(f"fitted on {where}, {entry['pixels']} sampled pixels (numbers below are on that split: not a final score)")
+    ece = "ECE, every channel's entries pooled," if entry.get("multilabel") else "top-label ECE"
     print(f"temperature {entry['temperature']:.4f}: NLL {entry['nll'][0]:.4f} -> {entry['nll'][1]:.4f} (sample), "
-          f"top-label ECE {entry['ece'][0]:.4f} -> {entry['ece'][1]:.4f} (whole split)")
+          f"{ece} {entry['ece'][0]:.4f} -> {entry['ece'][1]:.4f} (whole split)")
     for name, b, a in zip(class_names, *entry["class_ece"]):
         print(f"  ECE {name}: {b:.4f} -> {a:.4f}")
     if entry["objective"] is not None and entry.get("multilabel"):

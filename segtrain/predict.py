@@ -52,7 +52,7 @@ class Predictor:
 
         predictor = Predictor.from_checkpoint("outputs/.../best.pt", ["inference.mode=slide"])
         probs = predictor(image)            # (H, W, C) uint8 -> (K, H, W) float32 probabilities
-        labels = predictor.labels(probs)    # (H, W) int64 class indices
+        labels = predictor.labels(probs)    # (H, W) int64 class indices; multi-label: (K, H, W) bool
     """
 
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device):

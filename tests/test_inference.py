@@ -152,3 +152,19 @@ def test_a_buffer_that_does_not_fit_the_gpu_is_accumulated_on_the_cpu(monkeypatc
         out = windows._accumulator((3, 100, 100), torch.device("cuda"))
     assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (3, 100, 100)
     assert "accumulating the 3x100x100 probabilities on the CPU" in caplog.text
+
+
+def test_multilabel_windows_blend_sigmoid_probabilities_as_monai():
+    """A multi-label model's windows blend each channel's sigmoid, never a softmax over channels."""
+    from monai.inferers import sliding_window_inference
+
+    model, image = _unet(), _image(100, 130, seed=2)
+    options = InferenceOptions(mode="slide", tile=(48, 64), overlap=0.5, batch_size=4, multilabel=True)
+    ours = predict_probs(model, image, options)
+    with torch.no_grad():
+        monai = sliding_window_inference(image[None], (48, 64), 4, lambda x: model(x).sigmoid(), overlap=0.5,
+                                         mode="gaussian", sigma_scale=0.125)[0]
+    torch.testing.assert_close(ours, monai, rtol=1e-5, atol=1e-5)
+    # scored as logits whose sigmoid gives the blend back
+    logits = infer_batch(model, image[None], options)[0]
+    torch.testing.assert_close(logits.sigmoid(), ours, rtol=1e-5, atol=1e-6)
