@@ -5,6 +5,7 @@
     python -m segtrain.predict checkpoint=... input=list.txt output=pred/ 'inference.tta.flips=[h]' \\
         'inference.tta.scales=[0.75,1,1.25]' save.probabilities=true
 
+``Predictor`` (``segtrain.inference.predictor``, also importable from here) segments one image in memory.
 The model, its class names, normalisation and inference settings come from the checkpoint; no
 dataset is needed. ``inference.*`` and ``dataset.*`` overrides change the checkpoint's settings
 for this run; the other keys are configs/predict.yaml's. Each image gives ``<name>.png`` (class
@@ -25,74 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from segtrain import distributed
-from segtrain.build import eval_transform_of, model_from_checkpoint, palette_for
-from segtrain.checkpoint import read_with_overrides
+from segtrain.build import palette_for
 from segtrain.config import compose_config, split_overrides
-from segtrain.config.checks import class_names_of
-from segtrain.config.options import inference_options
 from segtrain.data.folder import read_image
 from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
 from segtrain.errors import check_choice
-from segtrain.inference import InferenceOptions, check_tile, labels_of, predict_probs
+from segtrain.inference.predictor import Predictor
 from segtrain.inference.writers import MultilabelWriter, PredictionWriter
 from segtrain.training.signals import STOPPED_EXIT_CODE, StopSignals
 
 log = logging.getLogger("segtrain.predict")
-
-
-class Predictor:
-    """A checkpoint ready to segment images: its model on a device, its normalisation and options.
-
-        predictor = Predictor.from_checkpoint("outputs/.../best.pt", ["inference.mode=slide"])
-        probs = predictor(image)            # (H, W, C) uint8 -> (K, H, W) float32 probabilities
-        labels = predictor.labels(probs)    # (H, W) int64 class indices; multi-label: (K, H, W) bool
-    """
-
-    def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device):
-        check_tile(options, model)
-        self.model, self.cfg, self.options, self.device = model.eval(), cfg, options, device
-        self.class_names = class_names_of(cfg.dataset)
-        self.in_channels = int(cfg.model.in_channels)
-        self.transform = eval_transform_of(cfg.dataset)
-        self.val_resize = cfg.dataset.val_resize
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
-        saved, cfg = read_with_overrides(path, overrides)
-        target = distributed.device_for(device)
-        return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target)
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(K, H, W) float32 probabilities of an (H, W, C) uint8 image, at the image's size."""
-        if image.ndim != 3 or image.shape[-1] != self.in_channels:
-            raise ValueError(f"image of shape {image.shape}: expected (H, W, {self.in_channels}) (model.in_channels)")
-        # Contiguous (C, H, W), as the evaluation loader's batches are: the same kernels, the same numbers.
-        x = torch.from_numpy(self.transform(image=image)["image"]).permute(2, 0, 1).contiguous().to(self.device)
-        probs = predict_probs(self.model, x, self.options)
-        height, width = image.shape[:2]
-        if probs.shape[-2:] != (height, width):
-            if isinstance(self.val_resize, int):  # dataset.val_resize=<int>: back to the image's size
-                probs = torch.nn.functional.interpolate(probs[None], size=(height, width), mode="bilinear",
-                                                        align_corners=False)[0]
-            else:  # pad32: the padding is cut off
-                probs = probs[:, :height, :width]
-        return probs
-
-    @property
-    def multilabel(self) -> bool:
-        return self.options.multilabel
-
-    def labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """(H, W) class indices, or a multi-label model's (C, H, W) decisions: probability > 0.5 (a calibrated
-        checkpoint's tuned thresholds are in its bias, which the probabilities already hold)."""
-        return probs > 0.5 if self.multilabel else labels_of(probs)
 
 
 @dataclass
