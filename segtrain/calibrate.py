@@ -32,6 +32,7 @@ import torch
 from segtrain.analysis.calibration import (LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature,
                                            fitted_on, nll)
 from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
+from segtrain.analysis.model_card import note_calibration
 from segtrain.analysis.thresholds import (channel_nll, channel_table, fit_shared_temperature, parse_channel_objective,
                                           thresholds_of, tune_thresholds)
 from segtrain.build import CheckpointOnSplit
@@ -132,6 +133,7 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     ckpt = load_checkpoint(saved.path)
     ckpt["calibration"] = entry
     save_checkpoint(ckpt, target)
+    note_calibration(target, entry, class_names)  # the run's model_card.md, when target is in a run directory
     _print_summary(entry, before[0], after["calibrated"][0], class_names, target)
     return target, entry
 

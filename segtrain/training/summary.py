@@ -56,12 +56,19 @@ def gather_digests(model: torch.nn.Module) -> list[str]:
 
 
 def write_metrics_json(path: Path, class_names: list[str], stats, class_weights: torch.Tensor, final: dict[str, float],
-                       state, wall_time_s: float, digests: list[str], strategy: str, monitor: str) -> None:
-    """metrics.json: final and best metrics, the class weights used (by ``strategy``) and the data they came from."""
+                       state, wall_time_s: float, digests: list[str], strategy: str, monitor: str,
+                       split_sizes: dict[str, int] | None = None) -> None:
+    """metrics.json: final and best metrics, the class weights used (by ``strategy``) and the data they came from
+    (``split_sizes``: images per split; per class its training pixels and the training images containing it)."""
+    multilabel = hasattr(stats, "positive")  # ChannelStats: a channel's pixels are its positive ones
     summary: dict[str, Any] = {
         "class_names": class_names,
         "class_weights": class_weights.tolist(),
         "class_pixel_share": stats.frequency.tolist(),
+        "class_pixels": (stats.positive if multilabel else stats.pixel_count).tolist(),
+        "class_images": (stats.images if multilabel else stats.image_count).tolist(),
+        "split_sizes": dict(split_sizes or {}),
+        "multilabel": multilabel,
         "weights_strategy": strategy,
         "monitor": monitor,
         "final": final,
