@@ -8,7 +8,8 @@ and a confusion-matrix update (every evaluation batch). On a CUDA machine the GP
 (fp16/bf16 autocast, channels_last, torch.compile) are added, with peak memory. Two CPU rows
 price long-run safety: last.pt every 10 steps (``trainer.checkpoint_every=10``; the write's own
 time is reported too) and ``trainer.on_nonfinite=skip`` (one host read per step); a second table
-gives the per-step signal check as a share of a step.
+gives the per-step signal check as a share of a step. Two more price logging every step: TensorBoard
+alone, and TensorBoard with ``tracking=mlflow`` (``--only "every step"`` runs just those two).
 
     python scripts/bench_train.py                 # CPU variants
     python scripts/bench_train.py --steps 40 --batch-size 16 --size 256
@@ -31,6 +32,7 @@ from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.config import compose_config
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix, SoftDiceTracker
+from segtrain.training.dashboard import TensorBoardLogger
 from segtrain.training.engine import FitOptions, Runtime, TrainParts, train_one_epoch
 from segtrain.training.signals import StopSignals
 
@@ -44,6 +46,12 @@ def _variants(cuda: bool) -> list[dict]:
         # Long runs: last.pt every 10 steps (written into a temporary folder), and one host read per step.
         {"name": "cpu fp32, checkpoint_every=10", "device": "cpu", "amp": None, "workers": 0, "checkpoint_every": 10},
         {"name": "cpu fp32, on_nonfinite=skip", "device": "cpu", "amp": None, "workers": 0, "on_nonfinite": "skip"},
+        # Logging at every step (trainer.log_every=1, the worst case): TensorBoard alone, then TensorBoard and
+        # MLflow (tracking=mlflow, the local SQLite store; the tracker's queue drained inside the timing).
+        {"name": "cpu fp32, TensorBoard every step", "device": "cpu", "amp": None, "workers": 0,
+         "logger": "tensorboard"},
+        {"name": "cpu fp32, TensorBoard + MLflow every step", "device": "cpu", "amp": None, "workers": 0,
+         "logger": "mlflow"},
     ]
     if not cuda:
         return cpu
@@ -79,8 +87,9 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
 
     def run(n: int, epoch: int) -> float:
         state = TrainState()
+        logger = _logger(variant.get("logger"), folder / f"log_{epoch}", list(cfg.dataset.class_names))
         opts = FitOptions(epochs=1, steps_per_epoch=n, batch_size=cfg.trainer.batch_size,
-                          class_names=list(cfg.dataset.class_names), log_every=n, progress=False,
+                          class_names=list(cfg.dataset.class_names), log_every=1 if logger else n, progress=False,
                           checkpoint_every=every, stop=StopSignals(),
                           on_nonfinite=variant.get("on_nonfinite", "stop"))
 
@@ -94,7 +103,11 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, on_step=on_step)
+        train_one_epoch(parts, train_loader, loss_fn, rt, state, opts, logger=logger, on_step=on_step)
+        if logger is not None:
+            logger.close()
+            if logger.tracker is not None:
+                logger.tracker.close()  # waits until every queued metric is written
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -111,6 +124,22 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
     if writes:
         extra["checkpoint write"] = f"{1000 * statistics.median(writes):.0f} ms ({len(writes)} writes)"
     return steps * cfg.trainer.batch_size / seconds, peak, (tracker / step, matrix / step), extra
+
+
+def _logger(kind: str | None, folder: Path, class_names: list[str]) -> TensorBoardLogger | None:
+    """None, TensorBoard alone, or TensorBoard with an MLflow run in a local SQLite store (its set-up untimed)."""
+    if kind is None:
+        return None
+    tracker = None
+    if kind == "mlflow":
+        from types import SimpleNamespace
+
+        from segtrain.tracking.mlflow_run import start_run
+
+        folder.mkdir(parents=True)
+        tracking = SimpleNamespace(uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="bench", run_name=None)
+        tracker = start_run(tracking, folder, [], None)
+    return TensorBoardLogger(folder / "tensorboard", class_names, tracker=tracker)
 
 
 def _signal_check_seconds(device: torch.device, repeats: int = 10000) -> float:

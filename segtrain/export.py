@@ -18,6 +18,10 @@ older file in one step. Exit status 0 when written and verified (or ``verify=fal
 1 when the check failed (the file is kept under its unverified name, the older output untouched),
 2 when nothing could be exported; errors are printed without a traceback; 75 when SIGTERM or Ctrl-C
 stopped it (half-written and unverified files removed, the older output untouched).
+
+``register=<name>`` (the ``mlflow`` extra) then puts the checkpoint, with the verified file and the run's model card,
+into the MLflow model registry as a pyfunc model (``segtrain.tracking.registry``) at ``tracking_uri`` (null: the local
+store under ``outputs/``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segtrain.analysis.calibration import CalibratedModel
+from segtrain.analysis.model_card import card_for, note_export
 from segtrain.atomic import atomic_write, atomic_write_serialized
 from segtrain.build import model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides, tensor_bytes
@@ -46,6 +51,7 @@ from segtrain.errors import check_choice
 from segtrain.inference.deploy import (HEADS, INPUTS, OUTPUT_NAMES, DeployModel, metadata, min_size, normalisation_lut,
                                        require_onnx, to_onnx, trace)
 from segtrain.metrics import class_argmax
+from segtrain.tracking.mlflow_run import check_uri
 from segtrain.training.signals import STOPPED_EXIT_CODE, Interrupted, interrupt_on
 
 log = logging.getLogger("segtrain.export")
@@ -180,6 +186,10 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
     _check_config(ecfg)
     size, verify_size = _size(ecfg.size, "size"), _size(ecfg.verify_size, "verify_size")
     versions = require_onnx() if ecfg.format == "onnx" else {}
+    if ecfg.register:  # before the trace: a missing extra or a registration without a verified file stops here
+        if not ecfg.verify:
+            raise ValueError(f"register={ecfg.register}: the registry takes a verified export; leave verify on")
+        check_uri(ecfg.tracking_uri)
     path = output_path(ecfg)
     saved, cfg = read_with_overrides(ecfg.checkpoint, model_overrides)
     ds, channels = cfg.dataset, int(cfg.model.in_channels)
@@ -206,9 +216,13 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
         meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}
         if net.multilabel:  # each channel's bias is its tuned threshold on the temperature-scaled probability
             meta["calibration"]["thresholds"] = saved.calibration.get("thresholds")
+    card = card_for(saved.path)  # the run's model_card.md (written when missing); None outside a run directory
+    if card is not None:
+        meta["model_card"] = card.read_text()
     if not ecfg.verify:
         write_files(program, ecfg, meta, path, path)
         log.info("wrote %s, not verified (verify=false)", path)
+        note_export(card, path, saved.path, ecfg.format, ecfg.head, meta["input_dtype"], "not verified (verify=false)")
         return True
     staged = unverified_path(path)
     try:
@@ -227,7 +241,17 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
         return False
     for source, target in staged_files.items():
         os.replace(source, target)
+    note_export(card, path, saved.path, ecfg.format, ecfg.head, meta["input_dtype"],
+                "verified: " + "; ".join(check.line() for check in checks))
     log.info("wrote %s (verified with %s)", path, "ONNX Runtime" if ecfg.format == "onnx" else "torch.export.load")
+    if ecfg.register:
+        from segtrain.tracking.registry import register_checkpoint  # MLflow's pyfunc: imported only to register
+
+        files = {"export": path, **({"model_card": card} if card is not None else {})}
+        info = {key: value for key, value in meta.items() if key != "model_card"}
+        model_uri = register_checkpoint(saved.path, str(ecfg.register), ecfg.tracking_uri, info, files)
+        log.info("registered as %s: mlflow.pyfunc.load_model(%r).predict(image) gives the masks", model_uri,
+                 model_uri)
     return True
 
 

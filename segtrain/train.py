@@ -21,12 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain import distributed
 from segtrain.analysis.hard_cases import write_report
+from segtrain.analysis.model_card import write_model_card
 from segtrain.atomic import NoSpaceLeft
 from segtrain.build import (build_data, build_loaders, build_loss_fn, build_model, build_parts, class_weights_of,
                             place_model, resolve_num_workers, seed_everything)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.config.options import RunOptions, adopt_encoder_normalisation, check_config
 from segtrain.inference import check_tile
+from segtrain.tracking import check_tracking, end_sweep, open_tracker
 from segtrain.training.dashboard import TensorBoardLogger
 from segtrain.training.engine import fit
 from segtrain.training.optim import RunLength
@@ -61,6 +63,33 @@ class RunStart(Callback):
         if self.run_dir is not None:
             release(self.run_dir)
 
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        """Before the sweeper starts: what would fail only once it had (an Optuna storage it cannot open)."""
+        try:
+            check_sweep_storage(config)
+            check_tracking(config)  # once for the sweep: a bad tracking.uri stops it before the first job
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        end_sweep(config)  # the tracker's parent run of the sweep, finished
+
+
+def check_sweep_storage(config: Any) -> None:
+    """optuna 2.10 (the newest hydra-optuna-sweeper takes) opens an RDB storage only with SQLAlchemy < 2, and
+    MLflow 3 (the mlflow extra) needs SQLAlchemy 2: with both extras in one environment the in-memory study works,
+    a stored one (``hydra.sweeper.storage=sqlite:...``) is refused here, before any trial."""
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    if storage is None:
+        return
+    import sqlalchemy
+
+    if int(sqlalchemy.__version__.split(".")[0]) >= 2:
+        raise ValueError(f"hydra.sweeper.storage={storage}: optuna 2.10 (hydra-optuna-sweeper) cannot open a stored "
+                         f"study with SQLAlchemy {sqlalchemy.__version__}, which MLflow 3 (the mlflow extra) needs; "
+                         "leave the storage null (the study in memory), or keep stored studies in an environment "
+                         "without the mlflow extra: pip install -e '.[sweep]' 'SQLAlchemy<2' (docs/sweeps.md)")
+
 
 def started_options() -> RunOptions | None:
     """The options ``RunStart`` checked for this process's run, once."""
@@ -94,6 +123,22 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options:
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = open_tracker(cfg, run_dir, overrides)  # rank 0 with tracking=mlflow, else None
+    status = "FAILED"
+    try:
+        best = _run(cfg, run_dir, overrides, options, tracker)
+        status = "FINISHED"
+        return best
+    except RunStopped:
+        status = "KILLED"  # resumed later into the same MLflow run
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close(status)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options: RunOptions, tracker) -> float:
+    main_process = distributed.is_main_process()
     tr, ds, rt, class_names = cfg.trainer, cfg.dataset, options.runtime, options.class_names
     seed_everything(cfg.seed, tr.deterministic)
     data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
@@ -115,7 +160,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options:
 
     stop.install()  # SIGTERM, SIGUSR2, Ctrl-C: last.pt at the next step, then RunStopped
     _log_start(run_dir, rt, data, steps_per_epoch, length, tr)
-    logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std) \
+    logger = TensorBoardLogger(run_dir / "tensorboard", class_names, ds.ignore_index, ds.mean, ds.std, tracker) \
         if main_process else None
     if logger is not None:
         logger.text("data/class_weights", table)
@@ -142,11 +187,27 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options:
                      getattr(out.last_evaluation, "per_image", None), class_names, options.analysis.report.worst_k,
                      rt, opts.inference, ds.mean, ds.std, ds.ignore_index)
         write_metrics_json(run_dir / "metrics.json", class_names, data.stats, class_weights, final, state,
-                           time.perf_counter() - start, digests, strategy=str(cfg.weights.strategy), monitor=tr.monitor)
+                           time.perf_counter() - start, digests, strategy=str(cfg.weights.strategy), monitor=tr.monitor,
+                           split_sizes={ds.train_split: len(data.train_set), ds.val_split: len(data.val_set)})
+        card = write_model_card(run_dir)
+        if tracker is not None:
+            _log_artifacts(tracker, run_dir, ds.val_split, card, cfg.tracking.log_checkpoints)
         log.info("final %s = %.4f, best %.4f at step %s; metrics in %s", tr.monitor, final[tr.monitor],
                  state.best_score, state.best_metrics.get("step"), run_dir / "metrics.json")
         log.info("dashboards: tensorboard --logdir %s", run_dir.resolve())
     return state.best_score
+
+
+def _log_artifacts(tracker, run_dir: Path, val_split: str, card: Path, checkpoints: bool) -> None:
+    """The run's record in the tracker: config, metrics, the evaluation report, the model card (the checkpoints
+    with ``tracking.log_checkpoints``)."""
+    for name in ("config.yaml", "metrics.json"):
+        tracker.artifact(run_dir / name)
+    tracker.artifact(card)
+    tracker.artifact(run_dir / "eval" / val_split, f"eval/{val_split}")
+    if checkpoints:
+        for name in ("best.pt", "last.pt"):
+            tracker.artifact(run_dir / "checkpoints" / name, "checkpoints")
 
 
 def _resume(resume: str | None, run_dir: Path, parts, class_weights) -> tuple[TrainState, int | None]:

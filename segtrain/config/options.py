@@ -30,6 +30,7 @@ from segtrain.inference import InferenceOptions
 from segtrain.losses import build_loss
 from segtrain.models.timm_encoder import check_timm_name, is_timm, pretrained_normalisation
 from segtrain.runtime import Runtime, resolve_amp
+from segtrain.tracking import check_tracking
 from segtrain.training.early_stopping import EarlyStopping, check_early_stopping
 from segtrain.training.ema import check_decay
 from segtrain.training.engine import FitOptions
@@ -161,6 +162,7 @@ def check_config(cfg: DictConfig) -> RunOptions:
     check_monitor(tr.monitor, tr.monitor_mode, class_names, with_ece=analysis.calibration.bins is not None)
     # the terms' names and options
     build_loss(cfg.loss, None, num_classes=ds.num_classes, ignore_index=ds.ignore_index, multilabel=multilabel)
+    check_tracking(cfg)  # the extra installed, a server answering: before the data pass
     runtime = build_runtime(tr)
     # Validation predicts as configured in inference.*, in the training run's precision.
     inference = inference_options(cfg, runtime.device, amp_dtype=runtime.amp_dtype)

@@ -228,6 +228,18 @@ class SchedulerConfig:
     min_lr_ratio: float = 0.0
 
 
+Backend = Choice("Backend", {n: n for n in ("none", "mlflow")})
+
+
+@dataclass
+class TrackingConfig:
+    backend: Backend = Backend.none
+    uri: Optional[str] = None  # null: a local SQLite store under outputs/; http(s)://host:port: a server
+    experiment: str = "segtrain"
+    run_name: Optional[str] = None
+    log_checkpoints: bool = False
+
+
 SCHEMAS = {
     "trainer": {"trainer": TrainerConfig},
     "dataset": {"dataset": DatasetConfig},
@@ -237,6 +249,7 @@ SCHEMAS = {
                 "manual": ManualWeightsConfig},
     "optimizer": {"adamw": AdamWConfig, "sgd": SGDConfig},
     "scheduler": {"scheduler": SchedulerConfig},
+    "tracking": {"tracking": TrackingConfig},
 }
 
 

@@ -37,22 +37,32 @@ def custom_layout(class_names: Sequence[str]) -> dict:
 
 class TensorBoardLogger:
     def __init__(self, log_dir: str | Path, class_names: Sequence[str], ignore_index: int = 255,
-                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 tracker=None) -> None:
         self.class_names = list(class_names)
+        self.tracker = tracker  # an experiment tracker (segtrain.tracking) that gets every scalar and text too
         self.ignore_index = ignore_index
         self.mean, self.std = list(mean), list(std)
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.writer.add_custom_scalars(custom_layout(self.class_names))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        # A NaN (class never present nor predicted) would draw a broken line; skip it.
+        kept = {tag: value for tag, value in values.items()
+                if value is not None and not (isinstance(value, float) and math.isnan(value))}
+        self._tensorboard_scalars(kept, step)
+        if self.tracker is not None:
+            self.tracker.scalars(kept, step)
+
+    def _tensorboard_scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
-            # A NaN (class never present nor predicted) would draw a broken line; skip it.
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(tag, value, step)
+            self.writer.add_scalar(tag, value, step)
 
     def text(self, tag: str, body: str, step: int = 0) -> None:
         # Four leading spaces make TensorBoard's markdown keep the table's columns.
         self.writer.add_text(tag, "\n".join("    " + line for line in body.splitlines()), step)
+        if self.tracker is not None:
+            self.tracker.text(f"{tag}.txt", body)
 
     def image(self, tag: str, array: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, array, step, dataformats="HWC")
@@ -79,7 +89,7 @@ class TensorBoardLogger:
         exp, ssi, sei = hparams_summary(clean, finite)
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
-        self.scalars(finite, 0)
+        self._tensorboard_scalars(finite, 0)  # HParams' own copy: not a step of the run's curves for a tracker
 
     def flush(self) -> None:
         self.writer.flush()
