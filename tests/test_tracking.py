@@ -111,17 +111,31 @@ def test_the_local_store_needs_no_server(tmp_path, monkeypatch):
     _check_run_like_tensorboard(MlflowClient(f"sqlite:///{tmp_path / 'outputs/mlflow.db'}"), tmp_path / "run")
 
 
-def test_a_resumed_run_continues_its_mlflow_run(server, tmp_path):
-    first = _overrides(tmp_path, server, "resumed", "trainer.max_steps=2")
-    train(compose_config(first), tmp_path / "run", overrides=first)
-    run_id = _run_id(tmp_path / "run")
-    second = _overrides(tmp_path, server, "resumed", "trainer.max_steps=4", "trainer.resume=auto")
-    train(compose_config(second), tmp_path / "run", overrides=second)
-    assert _run_id(tmp_path / "run") == run_id
+def test_a_run_stopped_by_sigusr2_and_resumed_continues_its_mlflow_run(server, tmp_path):
+    common = [*_overrides(tmp_path, server, "resumed"), "trainer.epochs=3", "trainer.max_steps=null",
+              "trainer.log_every=1"]  # 8 images, batch 2: 12 steps
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the start-up summary comes after the signal handlers are in place
+        lines.append(line)
+        if "checkpoints in" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR2)
+    lines.append(proc.communicate(timeout=300)[0])
+    assert proc.returncode == 75 and "stopped by SIGUSR2" in "".join(lines), "".join(lines)[-3000:]
+    run_id = _run_id(run)
     client = MlflowClient(server)
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "KILLED"
+    stopped_at = max(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert 0 < stopped_at < 12
+    train(compose_config([*common, "trainer.resume=auto"]), run, overrides=common)
+    assert _run_id(run) == run_id
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 13))
     assert len(client.search_runs([client.get_experiment_by_name("resumed").experiment_id])) == 1
-    _check_run_like_tensorboard(client, tmp_path / "run")
+    _check_run_like_tensorboard(client, run)
 
 
 def test_a_sweep_is_one_parent_run_with_a_child_per_job(server, tmp_path):
