@@ -46,7 +46,7 @@ def _variants(cuda: bool) -> list[dict]:
         # Long runs: last.pt every 10 steps (written into a temporary folder), and one host read per step.
         {"name": "cpu fp32, checkpoint_every=10", "device": "cpu", "amp": None, "workers": 0, "checkpoint_every": 10},
         {"name": "cpu fp32, on_nonfinite=skip", "device": "cpu", "amp": None, "workers": 0, "on_nonfinite": "skip"},
-        # Logging at every step (trainer.log_every=1, the worst case): TensorBoard alone, then TensorBoard and
+        # Logging at every step (--log-every, 1 by default: the worst case): TensorBoard alone, then TensorBoard and
         # MLflow (tracking=mlflow, the local SQLite store; the tracker's queue drained inside the timing).
         {"name": "cpu fp32, TensorBoard every step", "device": "cpu", "amp": None, "workers": 0,
          "logger": "tensorboard"},
@@ -89,7 +89,8 @@ def _measure(cfg, variant: dict, steps: int, warmup: int) -> tuple[float, float 
         state = TrainState()
         logger = _logger(variant.get("logger"), folder / f"log_{epoch}", list(cfg.dataset.class_names))
         opts = FitOptions(epochs=1, steps_per_epoch=n, batch_size=cfg.trainer.batch_size,
-                          class_names=list(cfg.dataset.class_names), log_every=1 if logger else n, progress=False,
+                          class_names=list(cfg.dataset.class_names),
+                          log_every=variant.get("log_every", 1) if logger else n, progress=False,
                           checkpoint_every=every, stop=StopSignals(),
                           on_nonfinite=variant.get("on_nonfinite", "stop"))
 
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--only", default=None, help="run only the variants whose name contains this text "
                         "(the first one kept is the reference)")
+    parser.add_argument("--log-every", type=int, default=1, help="optimizer steps between log points of the "
+                        "logging variants (1: the worst case; trainer.log_every's default is 10)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.encoder=resnet34")
     args = parser.parse_args()
     if args.threads:
@@ -193,7 +196,8 @@ def main() -> None:
         f"dataset.root={args.root}", f"dataset.generate.num_train={count}", "dataset.generate.num_val=2",
         f"dataset.generate.size={args.size}", f"trainer.batch_size={args.batch_size}", *args.overrides])
     rows = []
-    variants = [v for v in _variants(torch.cuda.is_available()) if args.only is None or args.only in v["name"]]
+    variants = [{**v, "log_every": args.log_every} if "logger" in v else v
+                for v in _variants(torch.cuda.is_available()) if args.only is None or args.only in v["name"]]
     extras = []
     for variant in variants:
         speed, peak, metric_share, extra = _measure(cfg, variant, args.steps, args.warmup)
