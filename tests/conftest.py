@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +74,19 @@ def trained(tmp_path_factory):
     overrides = ["debug=fast", f"dataset.root={tmp / 'data'}", "trainer.max_steps=4"]
     train(compose_config(overrides), tmp / "run", overrides=overrides)
     return tmp
+
+
+def train_then_signal(overrides: list[str], run_dir: Path, cwd: Path, sig: int = signal.SIGUSR2) -> tuple[int, str]:
+    """``python -m segtrain`` with ``overrides`` into ``run_dir``, sent ``sig`` once its signal handlers are in place
+    (the start-up summary's "checkpoints in" line comes after them): (exit status, its output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain", *overrides, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "checkpoints in" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    lines.append(proc.communicate(timeout=300)[0])
+    return proc.returncode, "".join(lines)

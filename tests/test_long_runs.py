@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from segtrain.build import build_data, build_loaders, build_model
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import compose_config
+from conftest import train_then_signal
 from segtrain.distributed import parameters_digest
 from segtrain.train import train
 from segtrain.training.nonfinite import NonFiniteLoss
@@ -72,18 +72,8 @@ def test_sigusr2_or_kill_9_mid_run_then_resume_ends_identical(tmp_path, caplog):
 
     # SIGUSR2 here, SIGTERM to one rank under torchrun (tests/test_distributed.py): one handler for both.
     run = tmp_path / "SIGUSR2"
-    proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # the start-up summary comes after the handlers are in place
-        lines.append(line)
-        if "checkpoints in" in line:
-            break
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR2)
-    lines.append(proc.communicate(timeout=300)[0])
-    log = "".join(lines)
-    assert proc.returncode == STOPPED_EXIT_CODE, log
+    returncode, log = train_then_signal(common, run, ROOT)
+    assert returncode == STOPPED_EXIT_CODE, log
     step = load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"]
     assert 0 < step < 12 and f"stopped by SIGUSR2 at step {step}" in log, log
     assert not (run / "metrics.json").exists()

@@ -18,6 +18,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from conftest import train_then_signal  # noqa: E402
 from segtrain.config import compose_config  # noqa: E402
 from segtrain.train import train  # noqa: E402
 
@@ -115,17 +116,8 @@ def test_a_run_stopped_by_sigusr2_and_resumed_continues_its_mlflow_run(server, t
     common = [*_overrides(tmp_path, server, "resumed"), "trainer.epochs=3", "trainer.max_steps=null",
               "trainer.log_every=1"]  # 8 images, batch 2: 12 steps
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "segtrain", *common, f"hydra.run.dir={run}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # the start-up summary comes after the signal handlers are in place
-        lines.append(line)
-        if "checkpoints in" in line:
-            break
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR2)
-    lines.append(proc.communicate(timeout=300)[0])
-    assert proc.returncode == 75 and "stopped by SIGUSR2" in "".join(lines), "".join(lines)[-3000:]
+    returncode, log = train_then_signal(common, run, tmp_path)
+    assert returncode == 75 and "stopped by SIGUSR2" in log, log[-3000:]
     run_id = _run_id(run)
     client = MlflowClient(server)
     assert client.get_run(run_id).info.status == "KILLED"
