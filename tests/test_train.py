@@ -136,7 +136,8 @@ def test_step_checkpoints_rotate_and_a_corrupt_last_falls_back_to_the_newest_ste
     train(compose_cfg(common), full)
     ckpts = full / "checkpoints"
     # 4 steps per epoch: last.pt at steps 3 (mid-epoch), 4 (epoch end), 6 (mid-epoch) and 8; two kept before it.
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "last.pt", "step_4.pt", "step_6.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "last.pt", "model_card.md", "step_4.pt",
+                                                       "step_6.pt"]
     states = {name: load_checkpoint(ckpts / name)["train_state"] for name in ("last.pt", "step_6.pt", "step_4.pt")}
     assert [s["step"] for s in states.values()] == [8, 6, 4] and states["step_6.pt"]["step_in_epoch"] == 2
 
