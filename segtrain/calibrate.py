@@ -16,6 +16,10 @@ scores lower than none on the whole split (possible only when the sample is smal
 dropped. Multi-label models (``segtrain.analysis.thresholds``): one temperature shared by the channels' sigmoids and,
 with ``decision.tune=true``, a threshold per channel, stored as the bias ``-logit(threshold)`` (and as
 ``thresholds``); a channel whose threshold scores lower than 0.5 on the whole split keeps 0.5.
+``postprocess.tune=true`` (``segtrain.analysis.postprocess``) also tunes per-class component rules on the split
+(remove components under a size, keep the largest, fill small holes), each accepted only when its class improves
+and no other class drops by more than ``postprocess.tolerance``; evaluate and predict apply them
+(``postprocess.enabled=false``: not), an export carries them in its metadata.
 The numbers printed are those of the split fitted on, optimistic by construction: the checkpoint
 records that split, and ``segtrain.evaluate`` refuses to score it there unless given ``--same-split-ok``.
 """
@@ -33,11 +37,13 @@ from segtrain.analysis.calibration import (LogitCalibration, PixelSample, Reliab
                                            fitted_on, nll)
 from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
 from segtrain.analysis.model_card import note_calibration
+from segtrain.analysis.postprocess import report_table, tune, tune_channels
 from segtrain.analysis.thresholds import (channel_nll, channel_table, fit_shared_temperature, parse_channel_objective,
                                           thresholds_of, tune_thresholds)
 from segtrain.build import CheckpointOnSplit
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.inference import scored_logits
+from segtrain.inference.postprocessing import split_predictions
 from segtrain.metrics import ChannelConfusion, ConfusionMatrix, decide
 
 log = logging.getLogger("segtrain.calibrate")
@@ -130,12 +136,34 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
     }
     if multilabel:  # the bias as what it is: each channel's threshold on its temperature-scaled probability
         entry.update(multilabel=True, thresholds=thresholds_of(bias))
+    if options.postprocess.tune:  # on the labels as the calibrated checkpoint will give them
+        entry["postprocess"] = tune_rules(run, LogitCalibration(temperature, bias), multilabel)
     ckpt = load_checkpoint(saved.path)
     ckpt["calibration"] = entry
     save_checkpoint(ckpt, target)
     note_calibration(target, entry, class_names)  # the run's model_card.md, when target is in a run directory
     _print_summary(entry, before[0], after["calibrated"][0], class_names, target)
     return target, entry
+
+
+def tune_rules(run: CheckpointOnSplit, calibration: LogitCalibration, multilabel: bool) -> dict:
+    """Per-class component rules tuned on the run's split (``segtrain.analysis.postprocess``), printed with what was
+    tried; the calibration entry's ``postprocess`` (the rules, how they were chosen, the split)."""
+    pp, ds, names = run.analysis.postprocess, run.cfg.dataset, run.class_names
+    unknown = sorted(set(pp.classes or ()) - set(names))
+    if unknown:
+        raise ValueError(f"postprocess.classes: {unknown} are not classes of the model ({', '.join(names)})")
+    classes = None if pp.classes is None else [names.index(name) for name in pp.classes]
+    samples = split_predictions(run.model, run.loader, run.runtime, calibration, multilabel)
+    log.info("tuning component rules on %d images of %s", len(samples), fitted_on(run.split)["name"])
+    rules, candidates = (tune_channels if multilabel else tune)(
+        samples, ds.num_classes, ds.ignore_index, connectivity=pp.connectivity, min_size_grid=pp.min_size_grid,
+        max_hole_grid=pp.max_hole_grid, try_keep_largest=pp.keep_largest, objective=pp.objective,
+        tolerance=pp.tolerance, classes=classes)
+    print(report_table(candidates, names))
+    return {**rules.to_dict(names), "objective": pp.objective, "tolerance": pp.tolerance,
+            "fitted_on": fitted_on(run.split), "accepted": sum(c.accepted for c in candidates),
+            "tried": len(candidates)}
 
 
 def _keep_thresholds_that_help(bias: torch.Tensor, objective, before: torch.Tensor, after: torch.Tensor,

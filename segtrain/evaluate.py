@@ -70,7 +70,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, sa
     loss_fn = build_loss_fn(cfg, saved.class_weights, rt.device)
     result = evaluate(run.model, run.loader, loss_fn, rt, ds.num_classes, ds.ignore_index, inference=run.inference,
                       per_image=report, calibration_bins=options.calibration.bins,
-                      multilabel=run.inference.multilabel)
+                      multilabel=run.inference.multilabel, postprocess=run.postprocess)
     if report:
         write_report(report_dir(saved, cfg, run.split, options.report.dir), run.model, run.split, result.per_image,
                      run.class_names, options.report.worst_k, rt, run.inference, ds.mean, ds.std, ds.ignore_index)

@@ -42,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from segtrain.analysis.calibration import CalibratedModel
 from segtrain.analysis.model_card import card_for, note_export
+from segtrain.analysis.postprocess import PostProcess
 from segtrain.atomic import atomic_write, atomic_write_serialized
 from segtrain.build import model_from_checkpoint, palette_for
 from segtrain.checkpoint import read_with_overrides, tensor_bytes
@@ -216,6 +217,9 @@ def export_checkpoint(ecfg: DictConfig, model_overrides: list[str]) -> bool:
         meta["calibration"] = {key: saved.calibration[key] for key in ("temperature", "bias", "objective")}
         if net.multilabel:  # each channel's bias is its tuned threshold on the temperature-scaled probability
             meta["calibration"]["thresholds"] = saved.calibration.get("thresholds")
+        if saved.calibration.get("postprocess"):  # not graph ops: the rules, for the deployment to apply (README)
+            meta["postprocess"] = PostProcess.from_dict(saved.calibration["postprocess"], class_names).to_dict(
+                class_names)
     card = card_for(saved.path)  # the run's model_card.md (written when missing); None outside a run directory
     if card is not None:
         meta["model_card"] = card.read_text()

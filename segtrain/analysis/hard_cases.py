@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from segtrain.analysis.per_image import PerImageReport, per_image_scores, worst_images
-from segtrain.inference import InferenceOptions, scored_logits
 from segtrain.data.multilabel import unpack
+from segtrain.inference import InferenceOptions, scored_logits
 from segtrain.metrics import decide
 from segtrain.runtime import Runtime
 from segtrain.visualize import denormalize, error_gallery

@@ -23,6 +23,7 @@ from segtrain.config.checks import class_names_of
 from segtrain.config.options import AnalysisOptions, analysis_options
 from segtrain.data import FolderDataset
 from segtrain.inference import InferenceOptions, check_tile
+from segtrain.inference.postprocessing import rules_of
 from segtrain.runtime import Runtime
 
 
@@ -38,6 +39,13 @@ class CheckpointOnSplit:
     workers: int
     split: FolderDataset | None = None
     loader: torch.utils.data.DataLoader | None = None
+
+    @property
+    def postprocess(self):
+        """The checkpoint's post-processing rules as evaluate applies them (None: none, or switched off)."""
+        if not self.cfg.inference.calibrated:
+            return None
+        return rules_of(self.saved.calibration, self.class_names, self.analysis.postprocess.enabled)
 
     @classmethod
     def open(cls, path: str | Path, overrides: list[str] | None = None) -> CheckpointOnSplit:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from segtrain import distributed
 from segtrain.config.checks import check_monitor, check_multilabel_dataset, class_names_of, is_multilabel
 from segtrain.config.schema import DatasetConfig
-from segtrain.errors import check_count, choice_message
+from segtrain.errors import check_choice, check_count, choice_message
 from segtrain.inference import InferenceOptions
 from segtrain.losses import build_loss
 from segtrain.models.timm_encoder import check_timm_name, is_timm, pretrained_normalisation
@@ -61,12 +61,28 @@ class DecisionOptions:
 
 
 @dataclass(frozen=True)
+class PostprocessOptions:
+    """``postprocess.*``: tuning per-class component rules (segtrain.calibrate) and applying them."""
+
+    tune: bool = False
+    enabled: bool = True
+    connectivity: int = 8
+    objective: str = "dice"
+    tolerance: float = 0.005
+    classes: tuple[str, ...] | None = None
+    min_size_grid: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    max_hole_grid: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    keep_largest: bool = True
+
+
+@dataclass(frozen=True)
 class AnalysisOptions:
     """``report``, ``calibration``, ``decision`` (configs/analysis/default.yaml)."""
 
     report: ReportOptions
     calibration: CalibrationOptions
     decision: DecisionOptions
+    postprocess: PostprocessOptions
 
 
 def analysis_options(cfg: DictConfig) -> AnalysisOptions:
@@ -79,7 +95,25 @@ def analysis_options(cfg: DictConfig) -> AnalysisOptions:
     check_count("calibration.max_pixels", calibration.max_pixels, "a number of pixels")
     return AnalysisOptions(ReportOptions(report.dir, report.worst_k, report.tensorboard_k),
                            CalibrationOptions(calibration.bins, calibration.max_pixels, calibration.seed),
-                           DecisionOptions(bool(decision.tune), str(decision.objective)))
+                           DecisionOptions(bool(decision.tune), str(decision.objective)),
+                           postprocess_options(cfg.get("postprocess")))
+
+
+def postprocess_options(pp: DictConfig | None) -> PostprocessOptions:
+    """``postprocess.*`` checked (absent from a checkpoint's older config: the defaults)."""
+    if pp is None:
+        return PostprocessOptions()
+    check_choice("postprocess.connectivity", pp.connectivity, (4, 8))
+    check_choice("postprocess.objective", pp.objective, ("dice", "iou"))
+    if not isinstance(pp.tolerance, (int, float)) or pp.tolerance < 0:
+        raise ValueError(f"postprocess.tolerance={pp.tolerance!r}: expected a score difference >= 0")
+    for key in ("min_size_grid", "max_hole_grid"):
+        for value in pp[key]:
+            check_count(f"postprocess.{key}", value, "a list of pixel counts")
+    classes = None if pp.classes is None else tuple(str(c) for c in pp.classes)
+    return PostprocessOptions(bool(pp.tune), bool(pp.enabled), int(pp.connectivity), str(pp.objective),
+                              float(pp.tolerance), classes, tuple(pp.min_size_grid), tuple(pp.max_hole_grid),
+                              bool(pp.keep_largest))
 
 
 def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None | str = "config"

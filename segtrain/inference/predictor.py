@@ -10,10 +10,12 @@ import torch
 from omegaconf import DictConfig
 
 from segtrain import distributed
+from segtrain.analysis.postprocess import PostProcess
 from segtrain.build import eval_transform_of, model_from_checkpoint
 from segtrain.checkpoint import read_with_overrides
 from segtrain.config.checks import class_names_of
-from segtrain.config.options import inference_options
+from segtrain.config.options import analysis_options, inference_options
+from segtrain.inference.postprocessing import apply_to_probabilities, rules_of
 from segtrain.inference.windows import InferenceOptions, check_tile, labels_of, predict_probs
 
 
@@ -25,8 +27,10 @@ class Predictor:
         labels = predictor.labels(probs)    # (H, W) int64 class indices; multi-label: (K, H, W) bool
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, options: InferenceOptions, device: torch.device,
+                 postprocess: PostProcess | None = None):
         check_tile(options, model)
+        self.postprocess = postprocess  # a calibrated checkpoint's component rules, applied by ``labels``
         self.model, self.cfg, self.options, self.device = model.eval(), cfg, options, device
         self.class_names = class_names_of(cfg.dataset)
         self.in_channels = int(cfg.model.in_channels)
@@ -37,7 +41,9 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
         saved, cfg = read_with_overrides(path, overrides)
         target = distributed.device_for(device)
-        return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target)
+        rules = rules_of(saved.calibration, class_names_of(cfg.dataset),
+                         analysis_options(cfg).postprocess.enabled) if cfg.inference.calibrated else None
+        return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target, rules)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """(K, H, W) float32 probabilities of an (H, W, C) uint8 image, at the image's size."""
@@ -61,5 +67,8 @@ class Predictor:
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
         """(H, W) class indices, or a multi-label model's (C, H, W) decisions: probability > 0.5 (a calibrated
-        checkpoint's tuned thresholds are in its bias, which the probabilities already hold)."""
+        checkpoint's tuned thresholds are in its bias, which the probabilities already hold), post-processed by the
+        checkpoint's rules when it has some (on the CPU)."""
+        if self.postprocess is not None:
+            return apply_to_probabilities(probs, self.postprocess, self.multilabel)
         return probs > 0.5 if self.multilabel else labels_of(probs)

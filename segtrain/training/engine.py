@@ -23,6 +23,7 @@ from segtrain.analysis.per_image import PerImageConfusion
 from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.errors import choice_message
 from segtrain.inference import InferenceOptions, scored_logits
+from segtrain.inference.postprocessing import apply_to_batch
 from segtrain.metrics import ChannelConfusion, ConfusionMatrix, decide, flatten_metrics, format_table
 from segtrain.runtime import Runtime
 from segtrain.training.early_stopping import EarlyStopping
@@ -147,13 +148,14 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
              num_samples: int = 0, inference: InferenceOptions | None = None, per_image: bool = False,
-             calibration_bins: int | None = None, multilabel: bool = False) -> Evaluation:
+             calibration_bins: int | None = None, multilabel: bool = False, postprocess=None) -> Evaluation:
     """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
     loss per batch, and the first ``num_samples`` images with their predictions. ``inference``
     (sliding windows, test-time augmentation) scores the log of its blended probabilities.
     ``per_image``: every image's confusion matrix too; ``calibration_bins``: reliability histograms and
     top-label / per-class ECE. Both accumulate on the device: no host read per batch. ``multilabel``: targets
-    (N, C, H, W), one sigmoid decision per channel, a 2x2 matrix per channel."""
+    (N, C, H, W), one sigmoid decision per channel, a 2x2 matrix per channel. ``postprocess``: a calibrated
+    checkpoint's rules (``segtrain.inference.postprocessing``) applied to the labels before they are scored."""
     model.eval()
     matrix = (ChannelConfusion if multilabel else ConfusionMatrix)(num_classes, ignore_index, device=rt.device)
     images_cm = PerImageConfusion(num_classes, ignore_index, rt.device, multilabel) if per_image else None
@@ -168,11 +170,13 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
             logits = scored_logits(model, images, masks.shape[-2:], inference)
             loss_sum += loss_fn(logits, masks)["loss"].float()
         preds = decide(logits, multilabel)
+        if postprocess is not None:
+            preds = apply_to_batch(logits, preds, postprocess, multilabel)
         matrix.update(preds, masks)
         if images_cm is not None:
             images_cm.update(preds, masks, order[seen : seen + images.shape[0]])
         if histogram is not None:
-            histogram.update(logits, masks, None if multilabel else preds)
+            histogram.update(logits, masks, None if multilabel or postprocess is not None else preds)
         batches += 1
         seen += images.shape[0]
         if len(samples) < num_samples:  # the loader is unshuffled: always the same images
