@@ -338,3 +338,32 @@ def test_stats_command_shows_each_channel(runs, capsys, compose_cfg):
     assert "3 multi-label channels" in report and "pos weight (median_freq)" in report
     for name in NAMES:
         assert name in report
+
+
+def test_component_rules_per_channel_in_evaluate(runs, tmp_path):
+    """A calibrated multi-label checkpoint's rules act on each channel's decisions (segtrain.analysis.postprocess)."""
+    from segtrain.analysis.calibration import fitted_on
+    from segtrain.analysis.postprocess import PostProcess, apply_channels
+    from segtrain.checkpoint import load_checkpoint, save_checkpoint
+    from segtrain.evaluate import evaluate_checkpoint
+
+    source = runs / "run_binary/checkpoints/last.pt"
+    ckpt = load_checkpoint(source)
+    rules = {"connectivity": 8, "rules": {"outer": {"max_hole": 40}, "scratch": {"min_size": 30}}}
+
+    class Train:
+        root, split = runs / "binary", "train"
+
+    ckpt["calibration"] = {"temperature": 1.0, "bias": [0.0] * 3, "fitted_on": fitted_on(Train), "objective": None,
+                           "multilabel": True, "thresholds": [0.5] * 3, "postprocess": rules}
+    save_checkpoint(ckpt, tmp_path / "rules.pt")
+    metrics, _ = evaluate_checkpoint(tmp_path / "rules.pt", ["dataset.batch_size_val=1"], report=False)
+    logits, target = _model_logits(source, runs)
+    decided = np.stack([apply_channels(l.sigmoid().numpy() > 0.5, PostProcess.from_dict(rules, NAMES))
+                        for l in logits])
+    matrix = ChannelConfusion(3, IGNORE)
+    matrix.update(torch.from_numpy(decided), target)
+    torch.testing.assert_close(metrics["dice"], matrix.compute()["dice"])
+    plain = ChannelConfusion(3, IGNORE)
+    plain.update(logits, target)
+    assert not torch.equal(plain.compute()["dice"], metrics["dice"])  # the rules changed something
