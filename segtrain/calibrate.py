@@ -70,7 +70,8 @@ def measure(model, loader, rt, calibrations: dict[str, LogitCalibration | None],
     model.eval()
     matrix_of = ChannelConfusion if multilabel else ConfusionMatrix
     out = {name: (matrix_of(num_classes, ignore_index, rt.device),
-                  ReliabilityHistogram(num_classes, bins, ignore_index, rt.device, multilabel)) for name in calibrations}
+                  ReliabilityHistogram(num_classes, bins, ignore_index, rt.device, multilabel))
+           for name in calibrations}
     for images, masks in loader:
         images, masks = rt.to_device(images, masks)
         with rt.autocast():
@@ -159,9 +160,9 @@ def tune_rules(run: CheckpointOnSplit, calibration: LogitCalibration, multilabel
     rules, candidates = (tune_channels if multilabel else tune)(
         samples, ds.num_classes, ds.ignore_index, connectivity=pp.connectivity, min_size_grid=pp.min_size_grid,
         max_hole_grid=pp.max_hole_grid, try_keep_largest=pp.keep_largest, objective=pp.objective,
-        tolerance=pp.tolerance, classes=classes)
+        tolerance=pp.tolerance, classes=classes, min_gain=pp.min_gain)
     print(report_table(candidates, names))
-    return {**rules.to_dict(names), "objective": pp.objective, "tolerance": pp.tolerance,
+    return {**rules.to_dict(names), "objective": pp.objective, "tolerance": pp.tolerance, "min_gain": pp.min_gain,
             "fitted_on": fitted_on(run.split), "accepted": sum(c.accepted for c in candidates),
             "tried": len(candidates)}
 

@@ -69,6 +69,7 @@ class PostprocessOptions:
     connectivity: int = 8
     objective: str = "dice"
     tolerance: float = 0.005
+    min_gain: float = 0.001
     classes: tuple[str, ...] | None = None
     min_size_grid: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
     max_hole_grid: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
@@ -105,15 +106,16 @@ def postprocess_options(pp: DictConfig | None) -> PostprocessOptions:
         return PostprocessOptions()
     check_choice("postprocess.connectivity", pp.connectivity, (4, 8))
     check_choice("postprocess.objective", pp.objective, ("dice", "iou"))
-    if not isinstance(pp.tolerance, (int, float)) or pp.tolerance < 0:
-        raise ValueError(f"postprocess.tolerance={pp.tolerance!r}: expected a score difference >= 0")
+    for key in ("tolerance", "min_gain"):
+        if not isinstance(pp.get(key, 0.0), (int, float)) or pp.get(key, 0.0) < 0:
+            raise ValueError(f"postprocess.{key}={pp[key]!r}: expected a score difference >= 0")
     for key in ("min_size_grid", "max_hole_grid"):
         for value in pp[key]:
             check_count(f"postprocess.{key}", value, "a list of pixel counts")
     classes = None if pp.classes is None else tuple(str(c) for c in pp.classes)
     return PostprocessOptions(bool(pp.tune), bool(pp.enabled), int(pp.connectivity), str(pp.objective),
-                              float(pp.tolerance), classes, tuple(pp.min_size_grid), tuple(pp.max_hole_grid),
-                              bool(pp.keep_largest))
+                              float(pp.tolerance), float(pp.get("min_gain", 0.0)), classes, tuple(pp.min_size_grid),
+                              tuple(pp.max_hole_grid), bool(pp.keep_largest))
 
 
 def inference_options(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None | str = "config"
