@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.line(Path(pcfg.output)))
     if summary.predicted:
-        print("predicted pixels per class:\n" + _share_table(predictor.class_names, summary.pixels, summary.image_pixels))
+        table = _share_table(predictor.class_names, summary.pixels, summary.image_pixels)
+        print("predicted pixels per class:\n" + table)
     return STOPPED_EXIT_CODE if summary.stopped else 1 if summary.skipped else 0
 
 

@@ -90,7 +90,8 @@ def class_stats_report(cfg: DictConfig) -> str:
         "",
         f"used: weights={strategy} ({settings}), after normalize and max_weight",
         "multi-label: each channel's weight is its positive-class weight (pos_weight of its sigmoid)"
-        if train_set.multilabel else "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
+        if train_set.multilabel else
+        "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
         f"to freeze them: weights=manual 'weights.values=[{values}]'",
     ])
 

@@ -45,8 +45,8 @@ def parse_channel_objective(text: str, class_names: Sequence[str]) -> ChannelObj
     names = list(class_names)
     if text in ("mDice", "mIoU"):
         metric = "dice" if text == "mDice" else "iou"
-        return ChannelObjective(text, list(range(len(names))),
-                                {c: parse_objective(f"{metric}/{name}", ["absent", name]) for c, name in enumerate(names)})
+        per_channel = {c: parse_objective(f"{metric}/{name}", ["absent", name]) for c, name in enumerate(names)}
+        return ChannelObjective(text, list(range(len(names))), per_channel)
     parse_objective(text, names)  # the same options and the same error as a softmax model's
     for c, name in enumerate(names):  # the channel the objective names: its metric on the channel's two classes
         for prefix in (f"dice/{name}", f"iou/{name}", f"recall/{name}@"):

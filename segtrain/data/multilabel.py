@@ -160,9 +160,10 @@ class BinaryMaskDecoder:
             if path.is_file():
                 layers[name] = self._read(path)
         if not any(name in layers for name in self.names):
-            raise FileNotFoundError(f"{folder}: none of the class masks {', '.join(n + self.suffix for n in self.names)}"
-                                    " is there; an image with no object of any class still needs its folder with at "
-                                    "least one all-zero mask, to give its size")
+            files = ", ".join(n + self.suffix for n in self.names)
+            raise FileNotFoundError(f"{folder}: none of the class masks {files} is there; an image with no object "
+                                    "of any class still needs its folder with at least one all-zero mask, to give "
+                                    "its size")
         shapes = {name: layer.shape for name, layer in layers.items()}
         if len(set(shapes.values())) > 1:
             listed = ", ".join(f"{n}{self.suffix} {s[1]}x{s[0]}" for n, s in shapes.items())
