@@ -41,9 +41,10 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, device: str = "auto") -> Predictor:
         saved, cfg = read_with_overrides(path, overrides)
         target = distributed.device_for(device)
+        model = model_from_checkpoint(saved, cfg)  # first: its class count checked against the dataset's, named
         rules = rules_of(saved.calibration, class_names_of(cfg.dataset),
                          analysis_options(cfg).postprocess.enabled) if cfg.inference.calibrated else None
-        return cls(model_from_checkpoint(saved, cfg).to(target), cfg, inference_options(cfg, target), target, rules)
+        return cls(model.to(target), cfg, inference_options(cfg, target), target, rules)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """(K, H, W) float32 probabilities of an (H, W, C) uint8 image, at the image's size."""
