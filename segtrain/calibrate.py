@@ -35,7 +35,8 @@ import torch
 
 from segtrain.analysis.calibration import (LogitCalibration, PixelSample, ReliabilityHistogram, fit_temperature,
                                            fitted_on, nll)
-from segtrain.analysis.decision import parse_objective, per_class_table, tune_bias
+from segtrain.analysis.decision import (confusion, guarded, parse_objective, per_class_table, predict, switched_off,
+                                       tune_bias)
 from segtrain.analysis.model_card import note_calibration
 from segtrain.analysis.postprocess import report_table, tune, tune_channels
 from segtrain.analysis.thresholds import (channel_nll, channel_table, fit_shared_temperature, parse_channel_objective,
@@ -111,6 +112,12 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
                     "that has barely trained?); the bias, if tuned, acts on logits divided by it", temperature)
     k = logits.shape[1]
     bias = torch.zeros(k)
+    guard = objective is not None and objective.text in ("mDice", "mIoU") and not multilabel \
+        and options.decision.max_drop is not None  # a mean can be bought by switching a class off
+    if guard:
+        # the guard's reference: each class's score on the sample with no bias (the temperature changes no label)
+        objective = guarded(objective, confusion(labels, predict(logits, torch.zeros(k, device=logits.device)), k),
+                            options.decision.max_drop)
     if objective is not None:
         bias, start, best = (tune_thresholds if multilabel else tune_bias)(logits / temperature, labels, objective)
         log.info("bias %s: %s %.4f -> %.4f on the %d sampled pixels", [round(b, 3) for b in bias.tolist()],
@@ -126,9 +133,13 @@ def calibrate(path: str | Path, overrides: list[str], output: str | None = None)
         log.warning("the bias lowers %s on the whole split (the sample was smaller than it): dropped", objective.text)
         bias = torch.zeros(k)
         after["calibrated"] = after["temperature"]
+    for name in switched_off(before[0], after["calibrated"][0], class_names) if objective is not None else ():
+        log.warning("%s is (nearly) switched off by the tuned decision: under 1%% of its predicted pixels on %s "
+                    "remain; raise decision.max_drop only if that is wanted", name, fitted_on(split)["name"])
     entry = {
         "temperature": temperature, "bias": [float(b) for b in bias], "fitted_on": fitted_on(split),
         "objective": objective.text if objective is not None else None, "pixels": int(len(labels)),
+        "max_drop": options.decision.max_drop if guard else None,
         "nll": [loss(logits, labels), loss(logits, labels, temperature)],
         "ece": [before[1].ece(), after["temperature"][1].ece()],
         "class_ece": [before[1].class_ece().tolist(), after["temperature"][1].class_ece().tolist()],

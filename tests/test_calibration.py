@@ -233,3 +233,27 @@ def test_calibrate_never_writes_over_its_input(calibrated, capsys):
         assert re.search(r"^error: output=.*last_calibrated.pt: that is the checkpoint being calibrated, which is "
                          r"never overwritten; give another output=<file>$", capsys.readouterr().err, re.M)
     assert _sha(target) == digest
+
+
+def test_a_guarded_mean_never_switches_a_class_off():
+    """Class 2 is right on 10 of its 210 predicted pixels, the other 200 are class 1's and look the same: mIoU alone is
+    highest with class 2 switched off (class 1 gains more than class 2 loses); the guard keeps every class within
+    max_drop of its score, so here class 2 stays as it was."""
+    from segtrain.analysis.decision import guarded, switched_off
+    from segtrain.metrics import class_scores
+
+    logits = torch.zeros(1010, 3)
+    labels = torch.cat([torch.zeros(300), torch.ones(500), torch.full((10,), 2), torch.ones(200)]).long()
+    logits[:300, 0] = 3.0  # class 0: right
+    logits[300:800, 1] = 3.0  # class 1: right
+    logits[800:, 2], logits[800:, 1] = 3.0, 2.0  # class 2's 10 pixels and 200 of class 1's, alike: 2 then 1
+    reference = confusion(labels, predict(logits, torch.zeros(3)), 3)
+    plain = parse_objective("mIoU", ["a", "b", "c"])
+    bias, _, _ = tune_bias(logits, labels, plain)
+    after = confusion(labels, predict(logits, bias), 3)
+    assert after[:, 2].sum() == 0 and switched_off(reference, after, ["a", "b", "c"]) == ["c"]  # off, and said so
+    bias, start, best = tune_bias(logits, labels, guarded(plain, reference, 0.02))
+    after = confusion(labels, predict(logits, bias), 3)
+    scores, before = class_scores(after)["iou"], class_scores(reference)["iou"]
+    assert after[2, 2] > 0 and (scores >= before - 0.02).all() and best >= start
+    assert switched_off(reference, after, ["a", "b", "c"]) == []

@@ -74,6 +74,29 @@ def parse_objective(text: str, class_names: Sequence[str]) -> Objective:
     raise ValueError(choice_message("decision.objective", text, options, "is not an objective"))
 
 
+def guarded(objective: Objective, reference: torch.Tensor, max_drop: float) -> Objective:
+    """``objective`` where no class's own score (IoU for an IoU objective, else Dice) is more than ``max_drop``
+    below its score in ``reference`` (the (K, K) matrix at no bias), -inf where one is: the search then never
+    buys the mean by switching a class off. A class without a score in the reference (absent) is not guarded."""
+    metric = "iou" if "iou" in objective.text.lower() else "dice"
+    floor = class_scores(reference)[metric] - max_drop  # (K,), NaN where undefined
+
+    def score(matrices: torch.Tensor) -> torch.Tensor:
+        scores = class_scores(matrices)[metric].nan_to_num(0.0)
+        ok = ((scores >= floor.to(scores.device)) | floor.isnan().to(scores.device)).all(-1)
+        return torch.where(ok, objective(matrices), torch.full_like(objective(matrices), -math.inf))
+
+    return Objective(objective.text, score)  # the name the user gave: the guard is recorded beside it
+
+
+def switched_off(before: torch.Tensor, after: torch.Tensor, class_names: Sequence[str], share: float = 0.01
+                 ) -> list[str]:
+    """Classes predicted on the split before the bias whose predicted pixels fell to under ``share`` of that."""
+    predicted_before, predicted_after = before.sum(-2), after.sum(-2)  # columns: predicted class
+    return [name for name, b, a in zip(class_names, predicted_before.tolist(), predicted_after.tolist())
+            if b > 0 and a < share * b]
+
+
 def predict(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(P,) ``argmax(logits + bias)`` of (P, K) logits (the first maximum on ties, as inference takes it)."""
     return class_argmax(logits + bias)
@@ -133,5 +156,7 @@ def per_class_table(before: torch.Tensor, after: torch.Tensor, class_names: Sequ
     rows = [head, "-" * len(head)]
     for c, name in enumerate(class_names):
         cells = [f"{float(s[m][c]):6.4f}" for s in (b, a) for m in ("precision", "recall", "dice")]
-        rows.append(f"{name:<{width}}  {' '.join(cells[:3])}  ->  {' '.join(cells[3:])}")
+        loss = float(b["dice"][c]) - float(a["dice"][c])
+        mark = f"  <- loses {loss:.4f} Dice" if loss > 1e-4 else ""  # the classes that pay for the mean
+        rows.append(f"{name:<{width}}  {' '.join(cells[:3])}  ->  {' '.join(cells[3:])}{mark}")
     return "\n".join(rows)

@@ -58,6 +58,7 @@ class CalibrationOptions:
 class DecisionOptions:
     tune: bool
     objective: str
+    max_drop: float | None = 0.02  # the most of its own score any class may lose to the bias; None: no guard
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,15 @@ def analysis_options(cfg: DictConfig) -> AnalysisOptions:
     check_count("calibration.max_pixels", calibration.max_pixels, "a number of pixels")
     return AnalysisOptions(ReportOptions(report.dir, report.worst_k, report.tensorboard_k),
                            CalibrationOptions(calibration.bins, calibration.max_pixels, calibration.seed),
-                           DecisionOptions(bool(decision.tune), str(decision.objective)),
+                           DecisionOptions(bool(decision.tune), str(decision.objective), _max_drop(decision)),
                            postprocess_options(cfg.get("postprocess")))
+
+
+def _max_drop(decision: DictConfig) -> float | None:
+    value = decision.get("max_drop", 0.02)  # absent from a checkpoint's older config: the default guard
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        raise ValueError(f"decision.max_drop={value!r}: expected null or a score difference in [0, 1]")
+    return None if value is None else float(value)
 
 
 def postprocess_options(pp: DictConfig | None) -> PostprocessOptions:
