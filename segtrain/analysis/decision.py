@@ -91,8 +91,12 @@ def guarded(objective: Objective, reference: torch.Tensor, max_drop: float) -> O
 
 def switched_off(before: torch.Tensor, after: torch.Tensor, class_names: Sequence[str], share: float = 0.01
                  ) -> list[str]:
-    """Classes predicted on the split before the bias whose predicted pixels fell to under ``share`` of that."""
-    predicted_before, predicted_after = before.sum(-2), after.sum(-2)  # columns: predicted class
+    """Classes predicted on the split before the bias whose predicted pixels fell to under ``share`` of that;
+    ``before``/``after``: (K, K) confusion matrices, or a multi-label model's (C, 2, 2) per-channel ones."""
+    def predicted(m: torch.Tensor) -> torch.Tensor:  # columns: the predicted class (multi-label: present)
+        return m[..., 1].sum(-1) if m.dim() == 3 else m.sum(-2)
+
+    predicted_before, predicted_after = predicted(before), predicted(after)
     return [name for name, b, a in zip(class_names, predicted_before.tolist(), predicted_after.tolist())
             if b > 0 and a < share * b]
 
