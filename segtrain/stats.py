@@ -60,7 +60,7 @@ def class_stats_report(cfg: DictConfig) -> str:
     class_names = class_names_of(ds)
     train_set = dataset_split(ds, ds.train_split)
     num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
-    width = ds.num_classes * (2 if train_set.multilabel else 1)  # multi-label: positive and valid pixels per channel
+    width = train_set.count_columns
     cache_file = counts_cache_file(train_set, width, ds.ignore_index)
 
     counts = read_cached_counts(train_set, width, ds.ignore_index)

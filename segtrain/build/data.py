@@ -82,9 +82,7 @@ def split_counts(dataset: FolderDataset, workers: int = 0) -> np.ndarray:
 
     One pass over the masks on rank 0 (which writes the cache); the other ranks receive the result.
     """
-    # A multi-label dataset counts (2C,) per image: each channel's positive pixels, then its valid pixels.
-    width = dataset.num_classes * (2 if dataset.multilabel else 1)
-    return distributed.on_main_then_broadcast(image_class_counts, dataset, width, dataset.ignore_index,
+    return distributed.on_main_then_broadcast(image_class_counts, dataset, dataset.count_columns, dataset.ignore_index,
                                               num_workers=workers)
 
 

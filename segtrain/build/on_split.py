@@ -43,9 +43,7 @@ class CheckpointOnSplit:
     @property
     def postprocess(self):
         """The checkpoint's post-processing rules as evaluate applies them (None: none, or switched off)."""
-        if not self.cfg.inference.calibrated:
-            return None
-        return rules_of(self.saved.calibration, self.class_names, self.analysis.postprocess.enabled)
+        return rules_of(self.saved.calibration, self.cfg, self.class_names)
 
     @classmethod
     def open(cls, path: str | Path, overrides: list[str] | None = None) -> CheckpointOnSplit:

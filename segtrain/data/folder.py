@@ -153,6 +153,11 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     @property
+    def count_columns(self) -> int:
+        """Columns of the one pass's per-image counts: one per class, or per channel its positive then valid pixels."""
+        return self.num_classes * (2 if self.multilabel else 1)
+
+    @property
     def multilabel(self) -> bool:
         """Whether masks decode to multi-label codes (``segtrain.data.multilabel``), not class labels."""
         return hasattr(self.decoder, "channels")

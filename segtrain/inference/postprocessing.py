@@ -20,8 +20,11 @@ from segtrain.metrics import decide
 log = logging.getLogger(__name__)
 
 
-def rules_of(calibration: dict | None, class_names: list[str], enabled: bool = True) -> PostProcess | None:
-    """The rules a checkpoint's ``calibration`` entry holds, None when it has none or ``postprocess.enabled=false``."""
+def rules_of(calibration: dict | None, cfg, class_names: list[str]) -> PostProcess | None:
+    """The rules a checkpoint's ``calibration`` entry holds as ``cfg`` applies them: None when it has none, or with
+    ``inference.calibrated=false`` or ``postprocess.enabled=false``."""
+    postprocess = cfg.get("postprocess")
+    enabled = cfg.inference.calibrated and (postprocess is None or postprocess.enabled)
     if not enabled or not calibration or not calibration.get("postprocess"):
         return None
     return PostProcess.from_dict(calibration["postprocess"], class_names)

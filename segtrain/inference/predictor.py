@@ -14,7 +14,7 @@ from segtrain.analysis.postprocess import PostProcess
 from segtrain.build import eval_transform_of, model_from_checkpoint
 from segtrain.checkpoint import read_with_overrides
 from segtrain.config.checks import class_names_of
-from segtrain.config.options import analysis_options, inference_options
+from segtrain.config.options import inference_options
 from segtrain.inference.postprocessing import apply_to_probabilities, rules_of
 from segtrain.inference.windows import InferenceOptions, check_tile, labels_of, predict_probs
 
@@ -42,8 +42,7 @@ class Predictor:
         saved, cfg = read_with_overrides(path, overrides)
         target = distributed.device_for(device)
         model = model_from_checkpoint(saved, cfg)  # first: its class count checked against the dataset's, named
-        rules = rules_of(saved.calibration, class_names_of(cfg.dataset),
-                         analysis_options(cfg).postprocess.enabled) if cfg.inference.calibrated else None
+        rules = rules_of(saved.calibration, cfg, class_names_of(cfg.dataset))
         return cls(model.to(target), cfg, inference_options(cfg, target), target, rules)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
