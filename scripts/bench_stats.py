@@ -1,46 +1,60 @@
-"""Throughput of the class-statistics pass (decode and count every training mask), by worker count.
+"""Throughput of the class-statistics pass (decode and count every training mask) by processes reading.
 
-The pass is ``segtrain.data.class_stats.compute_class_stats`` with the cache off, reading index PNGs
-with the training code's ``read_mask``. The masks are generated once under ``--root`` (512x512
-uint8, four classes of very different sizes and a one-pixel ignore band at every border) and
-reused by later runs. Worker counts are measured in turn (0, 2, 0, 2, ...), so that a slow
-phase of the shared machine hits all of them alike; each is reported as the median of its
-runs and as a ratio to the first (the reference, normally 0 workers).
+The pass is ``segtrain.data.scan_ranks.class_counts_over_ranks`` with the cache off (what
+training runs, under DDP and without), reading index PNGs with the training code's
+``read_mask``. Four configurations on the same masks: one process (the reference), one process
+with loader workers, and ranks of a gloo group (a file store, sockets on the loopback) without
+and with loader workers each. The ranks are started once per round and timed from a barrier
+to the end of the pass (the collective included, start-up and group set-up excluded: in
+training the ranks already exist); their loader workers are forked, as in a rank that torchrun
+starts. Rounds run the configurations in turn, so that a slow phase of a shared machine hits
+all of them alike; each is reported as the median of its rounds and as a ratio to the
+reference measured in the same invocation. Every pass must give the reference's matrix.
 
-    python scripts/bench_stats.py                        # 2000 masks, 0 vs 2 workers, 3 runs each
-    python scripts/bench_stats.py --count 400 --repeats 2
+The masks are generated once under ``--root`` (512x512 uint8, four classes of very different
+sizes and a one-pixel ignore band at every border) and reused by later runs.
+
+    python scripts/bench_stats.py                          # 2000 masks, 3 rounds, 2 ranks, 2 workers
+    python scripts/bench_stats.py --root /tmp/bench_stats_400 --count 400 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 import segtrain  # noqa: F401  (import-time fixes run before torchvision loads)
-from segtrain.data.class_stats import compute_class_stats
 from segtrain.data.folder import read_mask
+from segtrain.data.scan_ranks import class_counts_over_ranks
 
 NUM_CLASSES = 4
 IGNORE_INDEX = 255
 META_FILE = "bench_stats.json"
+WARM_UP = 16  # masks of the untimed first pass of every process
 
 
 class MaskFiles:
-    """A mask source for compute_class_stats: the PNGs under ``<root>/masks``."""
+    """A mask source for the class-count pass: the PNGs under ``<root>/masks``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limit: int | None = None) -> None:
         self.root = root
-        self.mask_paths = sorted((root / "masks").glob("*.png"))
+        self.mask_paths = sorted((root / "masks").glob("*.png"))[:limit]
         self.label_mapping = None
 
     def load_mask(self, index: int) -> np.ndarray:
@@ -92,10 +106,41 @@ def ensure_masks(root: Path, count: int, size: int, seed: int) -> None:
     meta_path.write_text(json.dumps(meta) + "\n")
 
 
-def time_pass(source: MaskFiles, num_workers: int) -> tuple[float, dict]:
+def _digest(counts: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(counts, dtype=np.int64).tobytes()).hexdigest()
+
+
+def time_pass(source: MaskFiles, num_workers: int) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
-    stats = compute_class_stats(source, NUM_CLASSES, IGNORE_INDEX, num_workers=num_workers, cache=False)
-    return time.perf_counter() - start, stats.to_dict()
+    counts = class_counts_over_ranks(source, NUM_CLASSES, IGNORE_INDEX, num_workers=num_workers, cache=False)
+    return time.perf_counter() - start, counts
+
+
+def _rank_main(rank: int, world: int, store: str, root: str, worker_counts: list[int], result: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    multiprocessing.set_start_method("fork", force=True)  # loader workers as in a torchrun rank
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    try:
+        source, timings = MaskFiles(Path(root)), {}
+        time_pass(MaskFiles(Path(root), WARM_UP), 0)  # untimed: first-call costs (lazy imports, allocations)
+        for workers in worker_counts:
+            dist.barrier()  # every rank starts together; the pass's all-reduce ends it together
+            elapsed, counts = time_pass(source, workers)
+            timings[workers] = elapsed, _digest(counts)
+        if rank == 0:
+            Path(result).write_text(json.dumps(timings))
+    finally:
+        dist.destroy_process_group()
+
+
+def time_ranks(root: Path, world: int, worker_counts: list[int]) -> dict[int, tuple[float, str]]:
+    """{workers: (seconds, digest)} of one group of ``world`` ranks that runs the pass once per worker count."""
+    with tempfile.TemporaryDirectory(prefix="bench_stats_") as tmp:
+        result = Path(tmp) / "result.json"
+        mp.start_processes(_rank_main, args=(world, str(Path(tmp) / "store"), str(root), worker_counts, str(result)),
+                           nprocs=world, start_method="spawn")
+        return {int(w): tuple(v) for w, v in json.loads(result.read_text()).items()}
 
 
 def main() -> None:
@@ -103,8 +148,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("data/bench_stats_masks"))
     parser.add_argument("--count", type=int, default=2000, help="number of masks")
     parser.add_argument("--size", type=int, default=512, help="pixels per side")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="first one is the reference")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per worker count")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the distributed configurations")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers per process where there are any")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds: timed passes per configuration")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -112,28 +158,35 @@ def main() -> None:
     source = MaskFiles(args.root)
     for path in source.mask_paths:  # page cache warm for every measured pass alike
         path.read_bytes()
+    time_pass(MaskFiles(args.root, WARM_UP), 0)  # untimed, as in each group of ranks
 
-    seconds: dict[int, list[float]] = {w: [] for w in args.workers}
-    results = []
+    configs = [(1, 0), (1, args.workers), (args.ranks, 0), (args.ranks, args.workers)]
+    seconds: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    digests, counts = set(), None
     for _ in range(args.repeats):
-        for workers in args.workers:
-            elapsed, stats = time_pass(source, workers)
-            seconds[workers].append(elapsed)
-            results.append(stats)
-            print(f"  num_workers={workers}: {elapsed:.2f} s", file=sys.stderr, flush=True)
-    if any(r != results[0] for r in results):
+        for workers in (0, args.workers):
+            elapsed, counts = time_pass(source, workers)
+            seconds[1, workers].append(elapsed)
+            digests.add(_digest(counts))
+        for workers, (elapsed, digest) in time_ranks(args.root, args.ranks, [0, args.workers]).items():
+            seconds[args.ranks, workers].append(elapsed)
+            digests.add(digest)
+        print("  " + ", ".join(f"{r} process(es) x {w} workers: {s[-1]:.2f} s" for (r, w), s in seconds.items()),
+              file=sys.stderr, flush=True)
+    if len(digests) != 1:
         raise SystemExit("the passes disagree on the counts; the benchmark measures a broken pass")
 
-    speed = {w: args.count / statistics.median(s) for w, s in seconds.items()}
-    reference = args.workers[0]
-    share = np.array(results[0]["pixel_count"]) / results[0]["total_pixels"]
+    speed = {c: args.count / statistics.median(s) for c, s in seconds.items()}
+    share = counts.sum(axis=0) / counts.sum()
     print(f"{args.count} masks of {args.size}x{args.size} (uint8 index PNGs; class shares "
           f"{', '.join(f'{100 * x:.2f}%' for x in share)}; ignore band at borders), cache off, "
-          f"median of {args.repeats} interleaved passes, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print("| num_workers | masks/s | ratio to reference |\n|---|---|---|")
-    for workers in args.workers:
-        name = f"{workers} (reference)" if workers == reference else str(workers)
-        print(f"| {name} | {speed[workers]:.0f} | {speed[workers] / speed[reference]:.2f}x |")
+          f"median of {args.repeats} rounds, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print("| configuration | processes reading | masks/s | ratio to 1 process |\n|---|---|---|---|")
+    for ranks, workers in configs:
+        name = ("1 process" if ranks == 1 else f"{ranks} ranks") + (f" x {workers} workers" if workers else "")
+        readers = ranks * max(workers, 1)
+        print(f"| {name}{' (reference)' if (ranks, workers) == configs[0] else ''} | {readers} | "
+              f"{speed[ranks, workers]:.0f} | {speed[ranks, workers] / speed[configs[0]]:.2f}x |")
     print(f"\ncommand: .venv/bin/python scripts/bench_stats.py {shlex.join(sys.argv[1:])}".rstrip())
 
 

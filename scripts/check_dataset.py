@@ -29,6 +29,9 @@ from segtrain.data.check import SplitReport, check_split, format_report
 def check(overrides: list[str], splits: list[str] | None = None, workers: int | None = None) -> list[SplitReport]:
     cfg = compose_config(overrides)
     ds = cfg.dataset
+    if ds.layout == "shards":
+        raise SystemExit(f"dataset.layout=shards: the pairs of {ds.root} were checked one by one when python -m "
+                         "segtrain.shard wrote them (and each read names its shard); check the source dataset instead")
     class_names = class_names_of(ds)
     if workers is None:  # trainer.num_workers, resolved as for a CPU run: no model competes here
         workers = resolve_num_workers(cfg.trainer.num_workers, torch.device("cpu"))

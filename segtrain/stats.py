@@ -61,10 +61,13 @@ def class_stats_report(cfg: DictConfig) -> str:
     train_set = dataset_split(ds, ds.train_split)
     num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
     width = train_set.count_columns
-    cache_file = counts_cache_file(train_set, width, ds.ignore_index)
+    index = getattr(train_set, "index", None)  # shards: the index holds the sums
+    cache_file = None if index is not None else counts_cache_file(train_set, width, ds.ignore_index)
 
-    counts = read_cached_counts(train_set, width, ds.ignore_index)
-    if counts is not None:
+    counts = None if index is not None else read_cached_counts(train_set, width, ds.ignore_index)
+    if index is not None:
+        stats, origin = index.stats(), f"read from the shard index {index.path}, no mask decoded"
+    elif counts is not None:
         stats = stats_of(train_set, counts)
         origin = f"cached: read from {cache_file}, no mask decoded"
     else:

@@ -30,7 +30,7 @@ def test_the_length_count_sees_a_long_function(tmp_path):
 
 # The commands: ``python -m segtrain`` (__main__ runs train) and ``python -m segtrain.<command>``.
 COMMANDS = {"__main__": "train", "train": "train", "evaluate": "evaluate", "predict": "predict", "export": "export",
-            "calibrate": "calibrate", "stats": "stats"}
+            "calibrate": "calibrate", "stats": "stats", "shard": "shard"}
 # Root modules that are neither commands nor shared: what every stage runs on, the import fix.
 ROOT_FRAME = {"__init__", "runtime", "compat"}
 

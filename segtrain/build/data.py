@@ -19,7 +19,8 @@ from segtrain.data.class_stats import ChannelStats, ClassStats
 from segtrain.data.multilabel import fill_code, unpack
 from segtrain.data.palette import parse_palette
 from segtrain.data.repeat_factors import image_repeat_factors
-from segtrain.data.scan import image_class_counts
+from segtrain.data.scan_ranks import class_counts_over_ranks
+from segtrain.data.shards import ShardDataset
 from segtrain.data.voc import voc_palette
 from segtrain.visualize import class_palette
 
@@ -67,6 +68,8 @@ def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bo
                   generate: bool = True) -> FolderDataset:
     """One split of the configured dataset; a ``dataset.generate`` section writes it first, or with ``generate=False``
     (a root read from a checkpoint) only checks that it is there as described."""
+    if ds.layout == "shards":
+        return shard_split_of(ds, split, transform)
     root = Path(ds.root).expanduser()
     if ds.get("generate") is not None:
         # Written once, by rank 0 under DDP; the other ranks wait for it here.
@@ -77,13 +80,25 @@ def dataset_split(ds: DictConfig, split: str, transform=None, allow_unpaired: bo
                         **_dataset_options(ds))
 
 
+def shard_split_of(ds: DictConfig, split: str, transform=None) -> ShardDataset:
+    """A split stored as shards (``segtrain.data.shards``): its index read and checked against ``ds``."""
+    if ds.sampling.repeat_thresh is not None:
+        raise ValueError("dataset.sampling.repeat_thresh with dataset.layout=shards: repeat-factor sampling draws "
+                         "images by index, shards are streamed; set it to null (rare_crop_p and cat_max_ratio work)")
+    if is_multilabel(ds):
+        raise ValueError("dataset.layout=shards holds one label-map mask per image: multi-label data is not sharded")
+    urls = ds.get("urls") or {}
+    return ShardDataset(ds.root, split, ds.num_classes, ds.ignore_index, transform, urls=urls.get(split),
+                        class_names=ds.get("class_names"))
+
+
 def split_counts(dataset: FolderDataset, workers: int = 0) -> np.ndarray:
     """(N, C) class counts of every pair, every pair checked: a bad pair stops here, before training.
 
-    One pass over the masks on rank 0 (which writes the cache); the other ranks receive the result.
+    Under DDP each rank reads its share of the pairs (with ``workers`` loader workers) and every rank gets the
+    whole matrix; rank 0 reads and writes the cache.
     """
-    return distributed.on_main_then_broadcast(image_class_counts, dataset, dataset.count_columns, dataset.ignore_index,
-                                              num_workers=workers)
+    return class_counts_over_ranks(dataset, dataset.count_columns, dataset.ignore_index, num_workers=workers)
 
 
 def stats_of(dataset: FolderDataset, counts: np.ndarray) -> ClassStats | ChannelStats:
@@ -105,7 +120,8 @@ def eval_transform_of(ds: DictConfig) -> object:
 def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = True) -> FolderDataset:
     """A split with the evaluation transform, its pairs checked first."""
     dataset = dataset_split(ds, split, eval_transform_of(ds), generate=generate)
-    split_counts(dataset, workers)
+    if not isinstance(dataset, ShardDataset):  # shards: checked when written, each read names its member
+        split_counts(dataset, workers)
     return dataset
 
 
@@ -113,7 +129,8 @@ def eval_split(ds: DictConfig, split: str, workers: int = 0, generate: bool = Tr
 class TrainingData:
     train_set: FolderDataset
     val_set: FolderDataset
-    train_counts: np.ndarray  # (N, C) pixels of each class in each training image; multi-label: (N, 2C)
+    train_counts: np.ndarray | None  # (N, C) pixels of each class in each training image; multi-label: (N, 2C);
+    # None for shards, whose index holds the sums
     stats: ClassStats | ChannelStats  # derived from train_counts
 
 
@@ -121,8 +138,11 @@ def build_data(ds: DictConfig, workers: int = 0) -> TrainingData:
     """Both splits, every pair checked; the training transform gets the class frequencies it draws
     rare-class crops by."""
     train_set = dataset_split(ds, ds.train_split)
-    counts = split_counts(train_set, workers)
-    stats = stats_of(train_set, counts)
+    if isinstance(train_set, ShardDataset):  # the index's sums: no pass over the data
+        counts, stats = None, train_set.index.stats()
+    else:
+        counts = split_counts(train_set, workers)
+        stats = stats_of(train_set, counts)
     train_set.transform = train_transform_of(ds, stats.frequency)
     return TrainingData(train_set, eval_split(ds, ds.val_split, workers), counts, stats)
 
@@ -140,6 +160,10 @@ def _repeat_factors(counts: np.ndarray, ds: DictConfig) -> np.ndarray | None:
 
 def eval_loader(dataset, ds: DictConfig, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
     """In order, each image once over all ranks (one shard per rank under DDP)."""
+    if isinstance(dataset, ShardDataset):
+        dataset.plan(ds.batch_size_val, workers)
+        return torch.utils.data.DataLoader(dataset, batch_size=ds.batch_size_val, num_workers=workers, pin_memory=pin,
+                                           collate_fn=collate_of(ds), generator=_loader_generator())
     return torch.utils.data.DataLoader(
         dataset, batch_size=ds.batch_size_val, sampler=ShardSampler(len(dataset)), num_workers=workers,
         pin_memory=pin, collate_fn=collate_of(ds), generator=_loader_generator())
@@ -178,6 +202,8 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
     pin = device.type == "cuda" if tr.pin_memory == "auto" else bool(tr.pin_memory)
     draws_per_step = tr.batch_size * tr.grad_accum
     train_set = data.train_set
+    if isinstance(train_set, ShardDataset):
+        return _shard_loaders(data, cfg, workers, pin)
     sampler = EpochSampler(len(train_set), cfg.seed, drop_last_batch_of=draws_per_step,
                            repeat_factors=_repeat_factors(data.train_counts, ds))
     if sampler.draws_per_rank < draws_per_step:
@@ -189,3 +215,19 @@ def build_loaders(data: TrainingData, cfg: DictConfig, device: torch.device):
         collate_fn=collate_of(ds), drop_last=True, generator=_loader_generator())
     val_loader = eval_loader(data.val_set, ds, workers, pin)
     return train_loader, val_loader, sampler.draws_per_rank // draws_per_step
+
+
+def _shard_loaders(data: TrainingData, cfg: DictConfig, workers: int, pin: bool):
+    """``build_loaders`` for shards: the dataset streams its epoch (``segtrain.data.shards``), no sampler."""
+    tr, ds, train_set = cfg.trainer, cfg.dataset, data.train_set
+    draws_per_step = tr.batch_size * tr.grad_accum
+    train_set.train, train_set.seed = True, cfg.seed
+    draws = train_set.plan(tr.batch_size, workers, draws_per_step)
+    if draws < draws_per_step:
+        raise ValueError(f"{train_set.index.path}: split '{train_set.split}' has {len(train_set)} samples, fewer than "
+                         f"trainer.batch_size * trainer.grad_accum = {draws_per_step} per rank "
+                         f"({distributed.world_size()} ranks)")
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=tr.batch_size, num_workers=workers, pin_memory=pin, collate_fn=collate_of(ds),
+        drop_last=True, generator=_loader_generator())
+    return train_loader, eval_loader(data.val_set, ds, workers, pin), draws // draws_per_step

@@ -11,6 +11,7 @@ from segtrain.data.binary_masks import BinaryMaskDataset
 from segtrain.data.cityscapes import CityscapesDataset
 from segtrain.data.folder import FolderDataset, read_image, read_mask
 from segtrain.data.sampler import EpochSampler, ShardSampler
+from segtrain.data.shards import ShardDataset
 from segtrain.data.synthetic import ensure_synthetic
 from segtrain.data.transforms import eval_transform, train_transform
 from segtrain.data.voc import VOCDataset
@@ -21,6 +22,7 @@ __all__ = [
     "BinaryMaskDataset",
     "CityscapesDataset",
     "EpochSampler",
+    "ShardDataset",
     "ShardSampler",
     "FolderDataset",
     "VOCDataset",
@@ -34,11 +36,12 @@ __all__ = [
 ]
 
 # dataset.layout -> the class that finds and decodes its pairs
-LAYOUTS: dict[str, type[FolderDataset]] = {
+LAYOUTS: dict[str, type] = {
     "folder": FolderDataset,
     "voc": VOCDataset,
     "cityscapes": CityscapesDataset,
     "binary_masks": BinaryMaskDataset,
+    "shards": ShardDataset,  # streamed from tar shards; built from its own keys (segtrain.build.data.shard_split_of)
 }
 
 

@@ -178,11 +178,17 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image, mask = self._checked_pair(index)
-        if self.transform is not None:
-            if seed is not None:
-                self.transform.set_random_seed(seed)
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        image = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W)
-        return image.float() if image.dtype != torch.float32 else image, torch.as_tensor(mask).long()
+        return finish_sample(self.transform, *self._checked_pair(index), seed)
+
+
+def finish_sample(transform: Callable | None, image: np.ndarray, mask: np.ndarray,
+                  seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoded pair as training takes it: transformed (with ``seed``, the draw's augmentation is a function of it
+    alone), the image (3, H, W) float32, the mask int64."""
+    if transform is not None:
+        if seed is not None:
+            transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        image, mask = out["image"], out["mask"]
+    image = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W)
+    return image.float() if image.dtype != torch.float32 else image, torch.as_tensor(mask).long()

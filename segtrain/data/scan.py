@@ -9,7 +9,8 @@ factors of repeat-factor sampling and the rare-class crop frequencies all derive
 Training stops at the first problem, before its first step; ``check_split`` (for
 ``scripts/check_dataset.py``) runs the same per-pair routine and collects every problem.
 Decoding is the slow part, so ``num_workers > 0`` runs the routine in DataLoader workers and
-only a (C,) vector per pair crosses process boundaries.
+only a (C,) vector per pair crosses process boundaries; under DDP ``segtrain.data.scan_ranks``
+gives each rank a share of the pairs and combines the rows.
 
 The matrix is cached under ``<root>/.segtrain/``, keyed by a fingerprint of the mask and image
 files (relative path, size, mtime_ns and ctime_ns: a file rewritten with its old size and mtime
@@ -18,8 +19,9 @@ changes the counts. A pass
 that met a problem caches nothing, so a cache hit also means that every pair was fine.
 
 A *mask source* is a FolderDataset, or any object with ``root``, ``mask_paths`` and
-``load_mask(index)`` (optionally ``image_paths``, ``label_mapping``, ``mask_files()`` when a mask is several files,
-and a ``decoder`` whose ``count`` counts its own way: the multi-label decoders of ``segtrain.data.multilabel``).
+``load_mask(index)`` (optionally ``image_paths``, ``check_image(index)`` when its images are read by windows,
+``label_mapping``, ``mask_files()`` when a mask is several files, and a ``decoder`` whose ``count`` counts its own
+way: the multi-label decoders of ``segtrain.data.multilabel``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import hashlib
 import json
 import logging
 import operator
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,8 @@ def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | Non
     image_hw = None
     if image_paths is not None:
         try:
-            image_hw = check_image(image_paths[index])
+            # A source read by windows checks the window a sample reads, not the whole file (data.raster_tiles).
+            image_hw = source.check_image(index) if hasattr(source, "check_image") else check_image(image_paths[index])
         except (OSError, ValueError) as err:
             problems.append(err)
     decoder = getattr(source, "decoder", None)
@@ -92,14 +95,14 @@ def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | Non
 class _PairScans(torch.utils.data.Dataset):
     """``scan_pair`` in a DataLoader worker: only the small result is sent back."""
 
-    def __init__(self, source: Any, num_classes: int, ignore_index: int | None) -> None:
-        self.source, self.num_classes, self.ignore_index = source, num_classes, ignore_index
+    def __init__(self, source: Any, num_classes: int, ignore_index: int | None, indices: Sequence[int]) -> None:
+        self.source, self.num_classes, self.ignore_index, self.indices = source, num_classes, ignore_index, indices
 
     def __len__(self) -> int:
-        return len(self.source.mask_paths)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> PairScan:
-        return scan_pair(self.source, index, self.num_classes, self.ignore_index)
+    def __getitem__(self, position: int) -> PairScan:
+        return scan_pair(self.source, self.indices[position], self.num_classes, self.ignore_index)
 
 
 def _keep_as_is(item: Any) -> Any:
@@ -107,9 +110,10 @@ def _keep_as_is(item: Any) -> Any:
     return item
 
 
-def iter_scans(source: Any, num_classes: int, ignore_index: int | None, num_workers: int = 0) -> Iterator[PairScan]:
-    """``scan_pair`` of every pair, in order."""
-    scans = _PairScans(source, num_classes, ignore_index)
+def iter_scans(source: Any, num_classes: int, ignore_index: int | None, num_workers: int = 0,
+               indices: Sequence[int] | None = None) -> Iterator[PairScan]:
+    """``scan_pair`` of every pair (or of the pairs at ``indices``: one DDP rank's share), in order."""
+    scans = _PairScans(source, num_classes, ignore_index, range(len(source.mask_paths)) if indices is None else indices)
     if num_workers == 0:
         yield from (scans[i] for i in range(len(scans)))
         return
@@ -209,45 +213,58 @@ def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndar
     return counts
 
 
-def _write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
+def write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, counts=counts, fingerprint=np.array(fingerprint))
 
-    try:  # a unique temporary file: several DDP ranks may write the same cache at once
+    try:  # a unique temporary file: a cache is never seen half-written
         atomic_write(path, write)
     except OSError as err:  # a read-only dataset must not stop training
         log.warning("%s: could not write the class-count cache (%s)", path, err)
 
 
+def lookup_cache(source: Any, num_classes: int, ignore_index: int | None) -> tuple[Path, str, np.ndarray | None]:
+    """(cache file, fingerprint, the cached matrix or None on a miss); no mask is read."""
+    path, fingerprint = _cache_key(source, num_classes, ignore_index)
+    return path, fingerprint, _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
+
+
 def read_cached_counts(source: Any, num_classes: int, ignore_index: int | None = 255) -> np.ndarray | None:
     """The matrix ``image_class_counts`` would read from its cache, or None on a miss (no mask read)."""
-    path, fingerprint = _cache_key(source, num_classes, ignore_index)
-    return _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
+    return lookup_cache(source, num_classes, ignore_index)[2]
 
 
-def image_class_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
-                       cache: bool = True) -> np.ndarray:
-    """(N, C) int64: pixels of each class in each pair of the mask source, every pair checked.
+def scan_counts(source: Any, num_classes: int, ignore_index: int | None, num_workers: int = 0,
+                indices: Sequence[int] | None = None) -> np.ndarray:
+    """(len(indices), C) int64 class counts of the pairs at ``indices`` (default: every pair), in order, no cache.
 
     Raises the first problem found (the error names the file); see ``scan_pair``.
     """
-    num_classes, num_workers = as_int("num_classes", num_classes, 1), as_int("num_workers", num_workers, 0)
-    path, fingerprint = _cache_key(source, num_classes, ignore_index) if cache else (None, None)
-    if path is not None:
-        counts = _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
-        if counts is not None:
-            log.info("class counts of %d masks read from %s", len(counts), path)
-            return counts
-    log.info("reading %d masks: class counts and pair checks", len(source.mask_paths))
     rows = []
-    scans = iter_scans(source, num_classes, ignore_index, num_workers)
+    scans = iter_scans(source, num_classes, ignore_index, num_workers, indices)
     for scan in scans:
         if scan.problems:
             scans.close()  # stop DataLoader workers before raising
             raise scan.problems[0]
         rows.append(scan.counts)
-    counts = np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int64)
+    return np.stack(rows).astype(np.int64, copy=False) if rows else np.zeros((0, num_classes), dtype=np.int64)
+
+
+def image_class_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
+                       cache: bool = True) -> np.ndarray:
+    """(N, C) int64: pixels of each class in each pair of the mask source, every pair checked, in this process
+    (``segtrain.data.scan_ranks`` spreads the same pass over DDP ranks).
+
+    Raises the first problem found (the error names the file); see ``scan_pair``.
+    """
+    num_classes, num_workers = as_int("num_classes", num_classes, 1), as_int("num_workers", num_workers, 0)
+    path, fingerprint, counts = lookup_cache(source, num_classes, ignore_index) if cache else (None, None, None)
+    if counts is not None:
+        log.info("class counts of %d masks read from %s", len(counts), path)
+        return counts
+    log.info("reading %d masks: class counts and pair checks", len(source.mask_paths))
+    counts = scan_counts(source, num_classes, ignore_index, num_workers)
     if path is not None:
-        _write_cache(path, fingerprint, counts)
+        write_cache(path, fingerprint, counts)
     return counts

@@ -161,7 +161,8 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
     images_cm = PerImageConfusion(num_classes, ignore_index, rt.device, multilabel) if per_image else None
     histogram = ReliabilityHistogram(num_classes, calibration_bins, ignore_index, rt.device, multilabel) \
         if calibration_bins else None
-    order = list(loader.sampler)  # the dataset indices in the order the batches hold them
+    # The dataset indices in the order the batches hold them (a streamed dataset says its own order).
+    order = loader.dataset.sample_order() if hasattr(loader.dataset, "sample_order") else list(loader.sampler)
     loss_sum, batches, seen = torch.zeros((), device=rt.device), 0, 0
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for images, masks in loader:
@@ -234,7 +235,8 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
     Writes ``last.pt`` after every epoch, every ``opts.checkpoint_every`` steps and at the stop,
     ``best.pt`` whenever ``opts.monitor`` improves."""
     final: dict[str, float] = {}
-    sampler = train_loader.sampler
+    # What orders the epoch: the sampler, or a streamed dataset itself (segtrain.data.shards).
+    sampler = train_loader.dataset if hasattr(train_loader.dataset, "set_epoch") else train_loader.sampler
     snapshot = Snapshot.take(parts, state) if opts.on_nonfinite == "rollback" else None
 
     def save_last() -> None:
