@@ -10,7 +10,9 @@ The model, its class names, normalisation and inference settings come from the c
 dataset is needed. ``inference.*`` and ``dataset.*`` overrides change the checkpoint's settings
 for this run; the other keys are configs/predict.yaml's. Each image gives ``<name>.png`` (class
 indices), ``<name>_color.png`` and, if asked, an overlay and its probabilities (``segtrain.inference.writers``),
-named after the input with its sub-folders. Exit status 0 when every image was predicted, 1 when
+named after the input with its sub-folders. A TIFF that is georeferenced or above 4096x4096 pixels is streamed by
+windows into ``<name>.tif`` and ``<name>_color.tif``, tiled and with its georeference, in memory bounded by one row of
+windows (``segtrain.inference.streaming``, docs/rasters.md). Exit status 0 when every image was predicted, 1 when
 some were skipped (each named in the log), 2 when the run could not start or stopped on an error
 (``on_error=stop``), which is printed without a traceback, 75 when SIGTERM or Ctrl-C stopped it after
 the image in progress (the summary says so; ``save.skip_existing=true`` continues where it stopped).
@@ -31,12 +33,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from segtrain.atomic import NoSpaceLeft
 from segtrain.build import palette_for
 from segtrain.config import compose_config, split_overrides
 from segtrain.data.folder import read_image
 from segtrain.data.inputs import LIST_SUFFIXES, check_output_dir, find_inputs
+from segtrain.data.raster import RasterReader
 from segtrain.errors import check_choice
 from segtrain.inference.predictor import Predictor
+from segtrain.inference.streaming import check_streamable, stream_probabilities, stream_refusal, streamed_reader
+from segtrain.inference.windows import labels_of
 from segtrain.inference.writers import MultilabelWriter, PredictionWriter
 from segtrain.training.signals import STOPPED_EXIT_CODE, StopSignals
 
@@ -90,18 +96,29 @@ def predict_folder(predictor: Predictor, pcfg: DictConfig) -> Summary:
 def _predict_one(predictor: Predictor, writer: PredictionWriter, item, pcfg: DictConfig, on_error: str,
                  summary: Summary) -> None:
     """One image through the predictor into its files, counted in ``summary``; an unreadable one skipped (named in the
-    log) or, with ``on_error=stop``, raised."""
-    if pcfg.save.skip_existing and writer.done(item.key):
+    log) or, with ``on_error=stop``, raised. A large or georeferenced TIFF is streamed (``_stream_one``)."""
+    try:
+        reader = streamed_reader(item.path, stream_refusal(predictor))
+    except (OSError, ValueError) as err:
+        return _skip(err, on_error, summary)
+    if pcfg.save.skip_existing and writer.done(item.key, raster=reader is not None):
         summary.existing += 1
+        return
+    if reader is not None:
+        check_streamable(predictor)  # a setting, not the file: it stops the run
+        try:
+            with reader:
+                reader.image(0, 0, 1, 1, predictor.in_channels)  # the band count, before any output
+                _stream_one(predictor, writer, item.key, reader, summary)
+        except NoSpaceLeft:
+            raise
+        except (OSError, ValueError) as err:  # the file (a segment that does not decode), named
+            _skip(err, on_error, summary)
         return
     try:
         image = read_image(item.path, predictor.in_channels)
     except (OSError, ValueError) as err:
-        if on_error == "stop":
-            raise
-        log.warning("skipped %s", err)
-        summary.skipped += 1
-        return
+        return _skip(err, on_error, summary)
     probs = predictor(image)
     labels = predictor.labels(probs).cpu().numpy()
     writer.write(item.key, image, labels, probs.cpu().numpy() if "probabilities" in writer.kinds else None)
@@ -110,6 +127,38 @@ def _predict_one(predictor: Predictor, writer: PredictionWriter, item, pcfg: Dic
         summary.pixels += labels.reshape(len(labels), -1).sum(1)
     else:
         summary.pixels += np.bincount(labels.ravel(), minlength=len(summary.pixels))[: len(summary.pixels)]
+    summary.predicted += 1
+
+
+def _skip(err: Exception, on_error: str, summary: Summary) -> None:
+    """An unreadable image: named in the log and counted, or with ``on_error=stop`` raised."""
+    if on_error == "stop":
+        raise err
+    log.warning("skipped %s", err)
+    summary.skipped += 1
+
+
+def _stream_one(predictor: Predictor, writer: PredictionWriter, key: str, reader: RasterReader,
+                summary: Summary) -> None:
+    """A raster by windows, band by band into tiled TIFFs (``segtrain.inference.streaming``), counted in ``summary``."""
+    height, width = reader.height, reader.width
+    counts = np.zeros(len(summary.pixels), dtype=np.int64)
+
+    def read(y: int, rows: int) -> np.ndarray:
+        return reader.image(y, 0, rows, width, predictor.in_channels)
+
+    def bands():
+        for _, probs in stream_probabilities(predictor, read, height, width):
+            labels = labels_of(probs).numpy()
+            counts[:] += np.bincount(labels.ravel(), minlength=len(counts))[: len(counts)]
+            yield labels
+
+    skipped = [kind for kind in ("overlay", "probabilities") if kind in writer.kinds]
+    log.info("%s: %dx%d%s, streamed by windows%s", reader.path, width, height,
+             ", georeferenced" if reader.geo_tags else "", f" (no {' nor '.join(skipped)})" if skipped else "")
+    writer.write_raster(key, height, width, bands(), reader.geo_tags)
+    summary.pixels += counts
+    summary.image_pixels += height * width
     summary.predicted += 1
 
 

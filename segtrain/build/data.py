@@ -49,6 +49,8 @@ def _dataset_options(ds: DictConfig) -> dict:
             raise ValueError("dataset.regions and dataset.layout=binary_masks both set: regions are made from a label "
                              "map; binary masks already give one file per channel")
         keys = ("list_file", "label_mapping", "palette", "class_names", "missing_mask")
+    if ds.layout == "rasters":  # the tile grid (segtrain.data.raster_tiles)
+        keys += ("tile_size", "tile_stride")
     return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
             for k in keys if (v := ds.get(k)) is not None}
 

@@ -30,7 +30,7 @@ Amp = Choice("Amp", {n: n for n in ("auto", "bf16", "fp16", "none")})
 MonitorMode = Choice("MonitorMode", {n: n for n in ("max", "min")})
 OnNonfinite = Choice("OnNonfinite", {n: n for n in ("stop", "skip", "rollback")})
 OnBadLabel = Choice("OnBadLabel", {n: n for n in ("error", "ignore")})
-Layout = Choice("Layout", {n: n for n in ("folder", "voc", "cityscapes", "binary_masks", "shards")})
+Layout = Choice("Layout", {n: n for n in ("folder", "voc", "cityscapes", "binary_masks", "shards", "rasters")})
 MissingMask = Choice("MissingMask", {n: n for n in ("negative", "ignore")})
 Strategy = Choice("Strategy", {n: n for n in ("none", "inverse_freq", "sqrt_inv_freq", "median_freq", "enet",
                                               "effective_num", "manual")})
@@ -130,6 +130,8 @@ class DatasetConfig:
     on_bad_label: OnBadLabel = OnBadLabel.error
     regions: Any = None  # multi-label: {region name: [labels]} of the label map, one sigmoid channel each
     missing_mask: MissingMask = MissingMask.negative  # layout binary_masks: a class file that is not there
+    tile_size: Any = None  # layout rasters: the tiles (an int or [height, width]) each raster pair is cut into
+    tile_stride: Any = None  # layout rasters: pixels between tiles; null = tile_size (no overlap)
     urls: Any = None  # layout shards: {split: URL pattern} where its shards are read, instead of beside the index
     batch_size_val: int = 4
     val_resize: Any = None  # null, pad32 or a shorter-side length

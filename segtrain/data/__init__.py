@@ -10,6 +10,7 @@ import torch
 from segtrain.data.binary_masks import BinaryMaskDataset
 from segtrain.data.cityscapes import CityscapesDataset
 from segtrain.data.folder import FolderDataset, read_image, read_mask
+from segtrain.data.raster_tiles import RasterTileDataset
 from segtrain.data.sampler import EpochSampler, ShardSampler
 from segtrain.data.shards import ShardDataset
 from segtrain.data.synthetic import ensure_synthetic
@@ -42,6 +43,7 @@ LAYOUTS: dict[str, type] = {
     "cityscapes": CityscapesDataset,
     "binary_masks": BinaryMaskDataset,
     "shards": ShardDataset,  # streamed from tar shards; built from its own keys (segtrain.build.data.shard_split_of)
+    "rasters": RasterTileDataset,  # tiles of large TIFF / GeoTIFF pairs, read by windows
 }
 
 

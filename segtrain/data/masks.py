@@ -141,13 +141,18 @@ class MaskDecoder:
         """Read and map, without the label check (``check_dataset.py`` reports that separately)."""
         if self.colors is not None:
             return self.colors(read_color_mask(path), path)
-        mask = _read_index_png(path)
-        if self._table is not None:
-            last = len(self._table) - 1  # the ignore entry, for every value beyond the table
-            if last <= np.iinfo(mask.dtype).max:
-                mask = np.minimum(mask, mask.dtype.type(last))
-            mask = self._table[mask]
-        return mask
+        return self.map_labels(_read_index_png(path))
+
+    def map_labels(self, mask: np.ndarray) -> np.ndarray:
+        """Stored values -> classes through ``label_mapping`` (unchanged without one)."""
+        if self._table is None:
+            return mask
+        last = len(self._table) - 1  # the ignore entry, for every value beyond the table (and below 0)
+        if mask.dtype.kind == "i" and mask.size and mask.min() < 0:
+            mask = np.where(mask < 0, last, mask)
+        if last <= np.iinfo(mask.dtype).max:
+            mask = np.minimum(mask, mask.dtype.type(last))
+        return self._table[mask]
 
     def bad_pixels(self, mask: np.ndarray) -> np.ndarray | None:
         """Boolean (H, W) of the labels outside the classes, or None when there are none."""

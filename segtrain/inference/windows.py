@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from segtrain.data.raster import grid_starts
 from segtrain.errors import check_choice
 from segtrain.metrics import class_argmax
 
@@ -77,12 +78,8 @@ def check_tile(options: InferenceOptions, model: torch.nn.Module) -> None:
 
 
 def window_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """First pixel of each window along one axis; the last window ends at ``size``."""
-    if tile >= size:
-        return [0]
-    step = max(int(tile * (1 - overlap)), 1)
-    count = next(d for d in range(size) if d * step + tile >= size) + 1
-    return [min(d * step, size - tile) for d in range(count)]
+    """First pixel of each window along one axis; the last window ends at ``size`` (``grid_starts``)."""
+    return grid_starts(size, tile, max(int(tile * (1 - overlap)), 1))
 
 
 def gaussian_importance(height: int, width: int, sigma_scale: float = 0.125,
@@ -108,6 +105,20 @@ def _flip_averaged(probs_fn: ProbsFn, batch: torch.Tensor, flips: Sequence[str])
     return probs / (1 + len(flips)) if flips else probs
 
 
+def blend_weights(height: int, width: int, blend: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(height, width) float32 weight of each pixel of a window: ``gaussian_importance`` or 1 (``constant``)."""
+    if blend == "gaussian":
+        return gaussian_importance(height, width, device=device)
+    return torch.ones(height, width, device=device)
+
+
+def weighted_windows(probs_fn: ProbsFn, batch: torch.Tensor, flips: Sequence[str], weight: torch.Tensor
+                     ) -> torch.Tensor:
+    """(B, K, h, w) flip-averaged probabilities of a batch of windows (B, C, h, w), times ``weight`` in place: what
+    a sliding window adds into its sums, whole image or band of rows alike."""
+    return _flip_averaged(probs_fn, batch, flips).mul_(weight)
+
+
 def _accumulator(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Zeros for the (K, H, W) sums on ``device``, or on the CPU when they do not fit there."""
     if device.type == "cuda":
@@ -124,20 +135,27 @@ def _accumulator(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
+def weight_sums(r0: int, r1: int, width: int, ys: list[int], xs: list[int], weight: torch.Tensor) -> torch.Tensor:
+    """(r1 - r0, width) float32: the summed weights of the windows at ``ys`` x ``xs`` over rows [r0, r1), added in
+    window order, so that a band of rows (``segtrain.inference.streaming``) divides by the very same numbers."""
+    th, tw = weight.shape
+    norm = torch.zeros(r1 - r0, width, dtype=torch.float32, device=weight.device)
+    for y in ys:
+        a, b = max(y, r0), min(y + th, r1)
+        if a < b:
+            for x in xs:
+                norm[a - r0 : b - r0, x : x + tw] += weight[a - y : b - y]
+    return norm
+
+
 def _divide_by_weights(out: torch.Tensor, ys: list[int], xs: list[int], weight: torch.Tensor) -> None:
     """out /= the summed window weights, one strip of rows at a time (no full-size weight map)."""
-    th, tw = weight.shape
+    th = weight.shape[0]
     height, width = out.shape[-2:]
     weight = weight.to(out.device)
     for r0 in range(0, height, th):
         r1 = min(r0 + th, height)
-        norm = torch.zeros(r1 - r0, width, dtype=torch.float32, device=out.device)
-        for y in ys:
-            a, b = max(y, r0), min(y + th, r1)
-            if a < b:
-                for x in xs:
-                    norm[a - r0 : b - r0, x : x + tw] += weight[a - y : b - y]
-        out[:, r0:r1] /= norm
+        out[:, r0:r1] /= weight_sums(r0, r1, width, ys, xs, weight)
 
 
 def sliding_window(probs_fn: ProbsFn, image: torch.Tensor, tile: Sequence[int], overlap: float = 0.5,
@@ -153,13 +171,12 @@ def sliding_window(probs_fn: ProbsFn, image: torch.Tensor, tile: Sequence[int], 
     windows = [(y, x) for y in ys for x in xs]
     if len(windows) == 1:  # the whole image: the model's probabilities as they are
         return _flip_averaged(probs_fn, image[None], flips)[0].to(out_device or image.device)
-    weight = gaussian_importance(th, tw, device=image.device) if blend == "gaussian" else \
-        torch.ones(th, tw, device=image.device)
+    weight = blend_weights(th, tw, blend, image.device)
     out = None
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         batch = torch.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])  # (B, C, th, tw)
-        probs = _flip_averaged(probs_fn, batch, flips).mul_(weight)  # (B, K, th, tw), weighted in place
+        probs = weighted_windows(probs_fn, batch, flips, weight)  # (B, K, th, tw)
         if out is None:
             out = _accumulator((probs.shape[1], height, width), out_device or image.device)
         probs = probs.to(out.device)

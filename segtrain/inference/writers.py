@@ -7,6 +7,10 @@ so an interrupted run never leaves a half-written mask behind.
     <key>_prob.npz     float16 (K, H, W) probabilities, and the class names
     legend.png         the colours and class names, once per output folder
 
+An image streamed by windows (``segtrain.inference.streaming``: a large or georeferenced TIFF) gives tiled TIFFs,
+each with the input's georeference: ``<key>.tif`` (index mask) and ``<key>_color.tif`` (the same indices with the
+colours as its colour map); no overlay nor probabilities.
+
 Multi-label models (``MultilabelWriter``) write what their dataset layout reads (``dataset.layout=binary_masks``):
 
     <key>/<class>.png  one binary mask per channel, 0 absent, 255 present
@@ -24,9 +28,11 @@ import numpy as np
 from PIL import Image
 
 from segtrain.atomic import atomic_write
+from segtrain.data.raster import RasterReader, write_tiled
 from segtrain.visualize import channel_colours, channel_overlay, legend
 
 SUFFIXES = {"mask": ".png", "color": "_color.png", "overlay": "_overlay.jpg", "probabilities": "_prob.npz"}
+RASTER_SUFFIXES = {"mask": ".tif", "color": "_color.tif"}  # a streamed image's files
 
 
 def index_image(labels: np.ndarray, num_labels: int) -> Image.Image:
@@ -81,9 +87,13 @@ class PredictionWriter:
                                      "predict them into separate output folders")
                 owners[path] = owner
 
-    def done(self, key: str) -> bool:
-        """Whether every output of ``key`` exists (for resuming an interrupted folder run)."""
-        return all(path.is_file() for path in self.paths(key).values())
+    def raster_paths(self, key: str) -> dict[str, Path]:
+        """The files of a streamed image (``RASTER_SUFFIXES``), the kinds of ``self.kinds`` that have one."""
+        return {kind: self.root / f"{key}{RASTER_SUFFIXES[kind]}" for kind in self.kinds if kind in RASTER_SUFFIXES}
+
+    def done(self, key: str, raster: bool = False) -> bool:
+        """Whether every output of ``key`` (a streamed image's with ``raster``) exists, for resuming a run."""
+        return all(path.is_file() for path in (self.raster_paths(key) if raster else self.paths(key)).values())
 
     def write_legend(self) -> Path:
         strip = legend(360, self.class_names, self.palette, with_ignore=False)
@@ -102,6 +112,25 @@ class PredictionWriter:
             elif kind == "probabilities":
                 atomic_write(path, lambda tmp: self._save_probs(tmp, probs))
         atomic_write(paths["mask"], lambda tmp: index_image(labels, len(self.palette)).save(tmp, format="PNG"))
+
+    def write_raster(self, key: str, height: int, width: int, bands, tags=()) -> None:
+        """A streamed image's labels, ``bands`` of (rows, W) top to bottom, as ``raster_paths``' tiled TIFFs with the
+        extra ``tags`` (``RasterReader.geo_tags``). The colour file is made from the mask's own tiles, read back
+        row by row; the mask is renamed last, as ``write`` leaves it."""
+        paths = self.raster_paths(key)
+        dtype = np.uint8 if len(self.palette) <= 256 else np.uint16
+        colormap = np.zeros((3, 1 << (8 * np.dtype(dtype).itemsize)), np.uint16)
+        colormap[:, : len(self.palette)] = self.palette.T.astype(np.uint16) * 257  # 8 -> 16 bits: 255 -> 65535
+
+        def mask_then_colour(tmp: Path) -> None:
+            write_tiled(tmp, height, width, bands, dtype, tags)
+            if "color" in paths:
+                with RasterReader(tmp, "mask") as mask:
+                    rows = (mask.labels(y, 0, min(256, height - y), width) for y in range(0, height, 256))
+                    atomic_write(paths["color"], lambda out: write_tiled(out, height, width, rows, dtype, tags,
+                                                                         colormap))
+
+        atomic_write(paths["mask"], mask_then_colour)
 
     def _save_probs(self, tmp: Path, probs: np.ndarray) -> None:
         with open(tmp, "wb") as f:
