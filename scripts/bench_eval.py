@@ -5,9 +5,8 @@ configured validation split, as ``python -m segtrain.evaluate`` runs it (its loa
 plain (the reference), with the per-image confusion matrices, with the reliability histograms (15 bins),
 and with both, as training's evaluations run. The variants alternate round by round (so that a slow phase
 of the shared machine hits all alike); each is reported as the median over rounds and as a ratio to the
-plain evaluation. The updates alone are timed too, against one batch's forward pass. The galleries (the
-worst images predicted again) are not part of it: they cost ``report.tensorboard_k`` x classes
-single-image forward passes per evaluation.
+plain evaluation. The updates alone are timed too, against one batch's forward pass. The galleries (each
+class's worst predictions kept, shrunk, and drawn) are not part of it: scripts/bench_report.py measures them.
 
     python scripts/bench_eval.py                                  # the default config: UNet-R18, synthetic val
     python scripts/bench_eval.py --rounds 9 trainer.device=cuda dataset.batch_size_val=32

@@ -4,7 +4,8 @@ Takes the training command's overrides (the config is composed from configs/trai
 Hydra's compose API, so the dataset is exactly the one ``python -m segtrain`` would read) and
 walks the train and val splits, or the ones named with ``--split``. Reports unpaired files,
 unreadable images and masks, mask/image size mismatches, labels outside the classes and
-unknown mask colours, then the pixel and image counts per class of the good pairs.
+unknown mask colours, then the pixel and image counts per class of the good pairs and their ignored pixels
+(``ignore_index``: count and share of all pixels).
 Exit status 1 when anything is wrong.
 
     python scripts/check_dataset.py dataset=voc dataset.root=/data/VOCdevkit/VOC2012

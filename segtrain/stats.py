@@ -3,9 +3,9 @@
 Takes the same overrides as ``python -m segtrain`` and composes the same config, builds the
 training split through the same code (so the synthetic dataset is generated if needed),
 counts it with the same cached one-pass class counts and prints, per class, the counts,
-the weight under every strategy and the weights the configured strategy would train with;
-then exits without training. The counts are cached beside the dataset, so a second call
-reads no mask and says so.
+the weight under every strategy, the weights the configured strategy would train with and
+how many pixels are ignored; then exits without training. The counts are cached beside the dataset (or in
+``dataset.cache_dir``), so a second call reads no mask and says so.
 
     python -m segtrain.stats                                  # default synthetic dataset
     python -m segtrain.stats weights=effective_num weights.normalize=mean
@@ -32,7 +32,8 @@ from segtrain import distributed
 from segtrain.build import class_weights_of, dataset_split, resolve_num_workers, stats_of
 from segtrain.config import CONFIG_DIR
 from segtrain.config.checks import class_names_of
-from segtrain.data.scan import counts_cache_file, image_class_counts, read_cached_counts
+from segtrain.data.scan import image_pixel_counts, lookup_cache
+from segtrain.data.scan_cache import SplitCounts
 
 # A report has no run directory: Hydra's files would otherwise land in a fresh
 # outputs/<date>/<time>/. Put before the user's overrides, so that their hydra.* keys still win.
@@ -60,20 +61,19 @@ def class_stats_report(cfg: DictConfig) -> str:
     class_names = class_names_of(ds)
     train_set = dataset_split(ds, ds.train_split)
     num_workers = resolve_num_workers(tr.num_workers, _worker_device(tr.device))
-    width = train_set.count_columns
+    width, cache_dir = train_set.count_columns, ds.get("cache_dir")
     index = getattr(train_set, "index", None)  # shards: the index holds the sums
-    cache_file = None if index is not None else counts_cache_file(train_set, width, ds.ignore_index)
-
-    counts = None if index is not None else read_cached_counts(train_set, width, ds.ignore_index)
+    cache_file, _, split = (None, None, None) if index is not None else \
+        lookup_cache(train_set, width, ds.ignore_index, cache_dir)
     if index is not None:
         stats, origin = index.stats(), f"read from the shard index {index.path}, no mask decoded"
-    elif counts is not None:
-        stats = stats_of(train_set, counts)
+    elif split is not None:
+        stats = stats_of(train_set, split.counts)
         origin = f"cached: read from {cache_file}, no mask decoded"
     else:
         start = time.perf_counter()
-        stats = stats_of(train_set, image_class_counts(train_set, width, ds.ignore_index, num_workers))
-        seconds = time.perf_counter() - start
+        split = image_pixel_counts(train_set, width, ds.ignore_index, num_workers, cache_dir=cache_dir)
+        stats, seconds = stats_of(train_set, split.counts), time.perf_counter() - start
         where = f"saved to {cache_file}" if cache_file.is_file() else f"could not write the cache {cache_file}"
         origin = f"computed over {stats.num_images} masks in {seconds:.2f} s ({num_workers} workers); {where}"
 
@@ -88,6 +88,7 @@ def class_stats_report(cfg: DictConfig) -> str:
         f"dataset {ds.name}: {train_set.root}, split '{train_set.split}', {len(train_set)} images, "
         f"{ds.num_classes} {kind}, ignore_index {ds.ignore_index}",
         f"class statistics {origin}",
+        ignored_line(split, ds.ignore_index, train_set.multilabel),
         "",
         table,
         "",
@@ -97,6 +98,15 @@ def class_stats_report(cfg: DictConfig) -> str:
         "other columns: each strategy with the options of its configs/weights/<strategy>.yaml",
         f"to freeze them: weights=manual 'weights.values=[{values}]'",
     ])
+
+
+def ignored_line(split: SplitCounts | None, ignore_index: int, multilabel: bool) -> str:
+    """How many of the split's pixels train nothing: their count and share of all pixels."""
+    if split is None:
+        return "ignored pixels: not counted (the shard index holds the class sums only)"
+    ignored, pixels = int(split.ignored.sum()), int(split.pixels.sum())
+    what = "ignored in every channel" if multilabel else f"ignore_index {ignore_index}"
+    return f"ignored pixels ({what}): {ignored} of {pixels} ({ignored / max(pixels, 1):.2%})"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

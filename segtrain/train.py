@@ -27,6 +27,7 @@ from segtrain.build import (build_data, build_loaders, build_loss_fn, build_mode
                             place_model, resolve_num_workers, seed_everything)
 from segtrain.checkpoint import RunOutput, TrainState, resolve_resume, restore_training
 from segtrain.config.options import RunOptions, adopt_encoder_normalisation, check_config
+from segtrain.data.scan_cache import counts_cache_in
 from segtrain.inference import check_tile
 from segtrain.tracking import check_tracking, end_sweep, open_tracker
 from segtrain.training.dashboard import TensorBoardLogger
@@ -141,7 +142,8 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options: R
     main_process = distributed.is_main_process()
     tr, ds, rt, class_names = cfg.trainer, cfg.dataset, options.runtime, options.class_names
     seed_everything(cfg.seed, tr.deterministic)
-    data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
+    with counts_cache_in(ds.get("cache_dir")):  # the class-count cache's folder: build_data's pass takes no config
+        data = build_data(ds, resolve_num_workers(tr.num_workers, rt.device))
     class_weights, table = class_weights_of(data.stats, cfg.weights, class_names)
     log.info("class statistics of %s/%s (%d images):\n%s", data.train_set.root, data.train_set.split,
              data.stats.num_images, table)
@@ -183,9 +185,10 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, options: R
             logger.close()
     digests = gather_digests(model)
     if main_process:
-        write_report(run_dir / "eval" / ds.val_split, parts.eval_model(tr.ema.evaluate), val_loader.dataset,
-                     getattr(out.last_evaluation, "per_image", None), class_names, options.analysis.report.worst_k,
-                     rt, opts.inference, ds.mean, ds.std, ds.ignore_index)
+        report, last = options.analysis.report, out.last_evaluation
+        write_report(run_dir / "eval" / ds.val_split, val_loader.dataset, getattr(last, "per_image", None),
+                     getattr(last, "hard_cases", None) if report.galleries else None, class_names, report.worst_k,
+                     ds.mean, ds.std, ds.ignore_index)
         write_metrics_json(run_dir / "metrics.json", class_names, data.stats, class_weights, final, state,
                            time.perf_counter() - start, digests, strategy=str(cfg.weights.strategy), monitor=tr.monitor,
                            split_sizes={ds.train_split: len(data.train_set), ds.val_split: len(data.val_set)})

@@ -5,7 +5,7 @@ Rendering uses numpy and Pillow only, so training needs no plotting library.
 
 from __future__ import annotations
 
-import colorsys
+import functools
 import math
 from typing import Sequence
 
@@ -13,21 +13,52 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-# Distinct, colour-blind-friendly first colours; more classes continue around the hue circle.
-_BASE_COLOURS = [
-    (68, 68, 68), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-    (0, 114, 178), (213, 94, 0), (204, 121, 167), (153, 153, 153), (117, 112, 179),
-]
 IGNORE_COLOUR = (255, 255, 255)
+MISSED_COLOUR = (230, 0, 0)  # a class's false negatives
+FALSE_POSITIVE_COLOUR = (255, 0, 255)
+JPEG_QUALITY = 75  # the galleries: photographs, a few times smaller than as PNG (scripts/bench_report.py)
+_SRGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])  # D65
+
+
+def cielab(rgb) -> np.ndarray:
+    """(..., 3) CIELAB (D65 white) of sRGB colours (..., 3) in 0..255."""
+    c = np.asarray(rgb, dtype=np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _SRGB_TO_XYZ.T / _SRGB_TO_XYZ.sum(1)  # relative to the white point: white is (1, 1, 1)
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _distinct_colours(count: int) -> np.ndarray:
+    """Glasbey et al. (2007), "Colour displays for categorical images": each colour in turn the candidate farthest
+    (CIELAB distance) from every colour taken, the gallery marks and the ignore colour included. Candidates: an RGB
+    grid of 32 levels, lightness 30-90 (darker and lighter ones vanish on dark image parts and on ignore's white).
+    The first colour, dark grey, is the background's as before; a prefix is the same whatever the count."""
+    levels = np.linspace(0, 255, 32).round()
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)  # (32768, 3)
+    lab = cielab(grid)
+    mid = (lab[:, 0] >= 30) & (lab[:, 0] <= 90)
+    grid, lab = grid[mid], lab[mid]
+    taken = [(68, 68, 68)]
+    nearest = np.full(len(grid), np.inf)  # squared distance to the nearest colour taken or avoided
+    for colour in (IGNORE_COLOUR, MISSED_COLOUR, FALSE_POSITIVE_COLOUR, taken[0]):
+        nearest = np.minimum(nearest, ((lab - cielab(colour)) ** 2).sum(-1))
+    while len(taken) < count:
+        best = int(nearest.argmax())
+        taken.append(tuple(grid[best]))
+        nearest = np.minimum(nearest, ((lab - lab[best]) ** 2).sum(-1))
+    return np.array(taken[:count], dtype=np.uint8).reshape(-1, 3)
 
 
 def class_palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours."""
-    colours = list(_BASE_COLOURS[:num_classes])
-    for i in range(len(colours), num_classes):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.95)
-        colours.append((int(r * 255), int(g * 255), int(b * 255)))
-    return np.array(colours, dtype=np.uint8)
+    """(num_classes, 3) uint8 colours, distinct up to dozens of classes (``_distinct_colours``)."""
+    return _distinct_colours(num_classes).copy()
+
+
+def save_jpeg(picture: np.ndarray, fp) -> None:
+    """A drawing with photographs in it, at ``JPEG_QUALITY``, to a path or a binary file object."""
+    Image.fromarray(picture).save(fp, format="JPEG", quality=JPEG_QUALITY)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -173,8 +204,6 @@ def channel_confusion_image(matrices: torch.Tensor, class_names: Sequence[str], 
     return np.asarray(out)
 
 
-MISSED_COLOUR = (230, 0, 0)  # a class's false negatives
-FALSE_POSITIVE_COLOUR = (255, 0, 255)
 _CAPTION_HEIGHT = 18
 
 

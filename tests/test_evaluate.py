@@ -155,7 +155,7 @@ def test_report_of_evaluate_adds_up_to_the_split_and_its_ece_is_torchmetrics(tra
         pred[c] += int(row["predicted_pixels"])
         tp[c] += float(row["dice"] or 0) * (int(row["true_pixels"]) + int(row["predicted_pixels"])) / 2
     np.testing.assert_allclose(2 * tp / (true + pred), metrics["dice"].numpy(), rtol=1e-5)
-    assert {p.name for p in folder.iterdir()} >= {"per_image.csv", "report.md", *(f"gallery_{n}.png" for n in names
+    assert {p.name for p in folder.iterdir()} >= {"per_image.csv", "report.md", *(f"gallery_{n}.jpg" for n in names
                                                                                   if (true + pred)[names.index(n)])}
     # ECE from the model's own logits, through torchmetrics.
     predictor = Predictor.from_checkpoint(ckpt, amp, device="cpu")

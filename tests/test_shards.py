@@ -260,6 +260,6 @@ def test_evaluation_from_shards_equals_the_folder_and_names_the_same_images(trai
     shards, _ = evaluate_checkpoint(checkpoint, [*one, "dataset=shards", f"dataset.root={tmp_path / 'shards'}",
                                                  "trainer.num_workers=2", f"report.dir={tmp_path / 'sh'}"])
     np.testing.assert_equal(flatten_metrics(shards, names, "val"), flatten_metrics(folder, names, "val"))  # NaN == NaN
-    for name in ("report.md", "per_image.csv", "gallery_spot.png"):  # shards name images relative to the source root
+    for name in ("report.md", "per_image.csv", "gallery_spot.jpg"):  # shards name images relative to the source root
         ours, theirs = (tmp_path / "sh" / name).read_bytes(), (tmp_path / "folder" / name).read_bytes()
         assert ours == theirs.replace(f"{trained / 'data'}/".encode(), b""), name

@@ -2,8 +2,8 @@
 
 The dataset-level matrix (``metrics.ConfusionMatrix``) says how well a class is segmented on the whole
 split; it cannot say which images a class fails on. Keeping one (C, C) matrix per image costs C*C counts
-per image rather than the predictions themselves, and the worst images can be predicted again later
-(``hard_cases``) to be drawn.
+per image rather than the predictions themselves; the worst images' predictions are kept as they pass, shrunk,
+by ``hard_cases.HardCases`` to be drawn.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from segtrain.atomic import atomic_write
 from segtrain.distributed import all_gather_objects
 from segtrain.metrics import channel_counts, channel_decisions, channel_scores, class_argmax, class_scores
+from segtrain.visualize import save_jpeg
 
 
 def _sorted_by_index(indices: list[int], matrices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -52,10 +52,10 @@ class PerImageConfusion:
         self._indices: list[int] = []
 
     @torch.no_grad()
-    def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor, indices: list[int]) -> None:
+    def update(self, preds_or_logits: torch.Tensor, target: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """``preds_or_logits``: logits (N, C, H, W), arg-maxed here, or labels (N, H, W); ``target``
         (N, H, W); ``indices``: the dataset indices of the N images. Multi-label: logits or decisions and targets
-        all (N, C, H, W)."""
+        all (N, C, H, W). Returns the batch's (N, C, C) (multi-label (N, C, 2, 2)) matrices, on the device."""
         if len(indices) != target.shape[0]:
             raise ValueError(f"PerImageConfusion: {len(indices)} indices for a batch of {target.shape[0]} images")
         if self.multilabel:
@@ -65,7 +65,7 @@ class PerImageConfusion:
                                  f"{tuple(target.shape)} must both be (N, {self.num_classes}, H, W)")
             self._matrices.append(channel_counts(preds, target, self.ignore_index).to(self.device or target.device))
             self._indices.extend(int(i) for i in indices)
-            return
+            return self._matrices[-1]
         preds = class_argmax(preds_or_logits) if preds_or_logits.dim() == target.dim() + 1 else preds_or_logits
         if preds.shape != target.shape or target.dim() != 3:
             raise ValueError(f"PerImageConfusion: prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
@@ -82,6 +82,7 @@ class PerImageConfusion:
         counts = torch.bincount(index.flatten(), minlength=batch * n * n + 1)[: batch * n * n]
         self._matrices.append(counts.view(batch, n, n))
         self._indices.extend(int(i) for i in indices)
+        return self._matrices[-1]
 
     def result(self) -> tuple[list[int], torch.Tensor]:
         """(dataset indices ascending, their (M, C, C) int64 matrices on the CPU) of this process."""
@@ -136,8 +137,8 @@ def _cell(value: float) -> str:
 
 
 def gallery_file(class_name: str) -> str:
-    """``gallery_<class>.png``, with characters that are unsafe in a file name or a Markdown link as ``_``."""
-    return f"gallery_{re.sub(r'[^A-Za-z0-9_.-]', '_', class_name)}.png"
+    """``gallery_<class>.jpg``, with characters that are unsafe in a file name or a Markdown link as ``_``."""
+    return f"gallery_{re.sub(r'[^A-Za-z0-9_.-]', '_', class_name)}.jpg"
 
 
 @dataclass
@@ -198,8 +199,9 @@ class PerImageReport:
         return "\n".join(lines)
 
     def write(self, out_dir: str | Path, k: int, gallery_images: dict[str, np.ndarray] | None = None) -> list[Path]:
-        """The galleries (``gallery_<class>.png``), per_image.csv and report.md in ``out_dir``; the paths
-        written. Galleries come first and the report last, so a failure leaves the previous report whole."""
+        """The galleries (``gallery_<class>.jpg``, ``visualize.save_jpeg``), per_image.csv and report.md in
+        ``out_dir``; the paths written. Galleries come first and the report last, so a failure leaves the previous
+        report whole."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         gallery_images = gallery_images or {}
@@ -214,8 +216,7 @@ class PerImageReport:
             if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
                 raise ValueError(f"PerImageReport.write: gallery of {name!r} is {picture.dtype} {picture.shape}, "
                                  "expected uint8 (H, W, 3)")
-            save = lambda tmp, picture=picture: Image.fromarray(picture).save(tmp, format="PNG")  # noqa: E731
-            written.append(atomic_write(out_dir / files[name], save))
+            written.append(atomic_write(out_dir / files[name], lambda tmp, picture=picture: save_jpeg(picture, tmp)))
         written.append(self.write_csv(out_dir / "per_image.csv"))
         text = self.markdown(k, files)
         written.append(atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(text + "\n")))

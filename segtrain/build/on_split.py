@@ -22,6 +22,7 @@ from segtrain.checkpoint import SavedModel, read_with_overrides
 from segtrain.config.checks import class_names_of
 from segtrain.config.options import AnalysisOptions, analysis_options
 from segtrain.data import FolderDataset
+from segtrain.data.scan_cache import counts_cache_in
 from segtrain.inference import InferenceOptions, check_tile
 from segtrain.inference.postprocessing import rules_of
 from segtrain.runtime import Runtime
@@ -56,8 +57,9 @@ class CheckpointOnSplit:
 
     def read_split(self) -> CheckpointOnSplit:
         ds = self.cfg.dataset
-        self.split = eval_split(ds, ds.split or ds.val_split, self.workers,
-                                generate=self.saved.user_gave("dataset.root"))
+        with counts_cache_in(ds.get("cache_dir")):  # dataset.cache_dir: eval_split's pass takes no such key
+            self.split = eval_split(ds, ds.split or ds.val_split, self.workers,
+                                    generate=self.saved.user_gave("dataset.root"))
         self.loader = eval_loader(self.split, ds, self.workers)
         self.model = place_model(self.model, self.runtime)
         return self

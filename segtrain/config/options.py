@@ -45,6 +45,7 @@ class ReportOptions:
     dir: str | None  # the per-image report's folder; None: beside the checkpoint's run
     worst_k: int
     tensorboard_k: int
+    galleries: bool = True  # the report's gallery images; False: per_image.csv and report.md only
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ def analysis_options(cfg: DictConfig) -> AnalysisOptions:
     if calibration.bins is not None:
         check_count("calibration.bins", calibration.bins, "null or a number of bins")
     check_count("calibration.max_pixels", calibration.max_pixels, "a number of pixels")
-    return AnalysisOptions(ReportOptions(report.dir, report.worst_k, report.tensorboard_k),
+    galleries = report.get("galleries", True)  # absent from a checkpoint's older config: drawn, as then
+    if not isinstance(galleries, bool):
+        raise ValueError(f"report.galleries={galleries!r}: expected true or false")
+    return AnalysisOptions(ReportOptions(report.dir, report.worst_k, report.tensorboard_k, galleries),
                            CalibrationOptions(calibration.bins, calibration.max_pixels, calibration.seed),
                            DecisionOptions(bool(decision.tune), str(decision.objective), _max_drop(decision)),
                            postprocess_options(cfg.get("postprocess")))
@@ -219,6 +223,7 @@ def check_config(cfg: DictConfig) -> RunOptions:
         max_skipped=tr.max_skipped, rollback_lr_factor=tr.rollback_lr_factor, max_rollbacks=tr.max_rollbacks,
         ema_evaluate=tr.ema.evaluate, calibration_bins=analysis.calibration.bins,
         tensorboard_k=analysis.report.tensorboard_k, multilabel=multilabel,
+        report_k=analysis.report.worst_k if analysis.report.galleries else 0,
         early_stopping=None if early.patience is None else EarlyStopping(early.patience, early.min_delta,
                                                                          str(tr.monitor_mode), tr.monitor))
     return RunOptions(class_names, runtime, analysis, fit, tr.epochs, tr.steps, tr.max_steps)

@@ -124,6 +124,7 @@ class DatasetConfig:
     val_split: str = "val"
     split: str = "val"
     list_file: Optional[str] = None
+    cache_dir: Optional[str] = None  # the class-count cache's folder; null: <root>/.segtrain/ (data.scan_cache)
     label_mapping: Any = None  # {stored value: class}
     palette: Any = None  # [[r, g, b], ...] or {'r,g,b': class}
     on_unknown_color: Optional[OnBadLabel] = None

@@ -12,11 +12,16 @@ Decoding is the slow part, so ``num_workers > 0`` runs the routine in DataLoader
 only a (C,) vector per pair crosses process boundaries; under DDP ``segtrain.data.scan_ranks``
 gives each rank a share of the pairs and combines the rows.
 
-The matrix is cached under ``<root>/.segtrain/``, keyed by a fingerprint of the mask and image
-files (relative path, size, mtime_ns and ctime_ns: a file rewritten with its old size and mtime
-restored, as ``cp -p`` or a repair tool leaves it, has a new ctime) and of every argument that
-changes the counts. A pass
-that met a problem caches nothing, so a cache hit also means that every pair was fine.
+Beside the matrix the pass keeps two (N,) vectors, each pair's ignored pixels (``ignore_index``; with
+``on_bad_label=ignore`` also the labels outside the classes, which training ignores too; a multi-label folder of
+binary masks: the pixels ignored in every channel) and all its pixels (``SplitCounts``): the (N, C) matrix stays
+what every user of the counts takes.
+
+The counts are cached under ``<root>/.segtrain/``, or ``dataset.cache_dir`` when set; a root that cannot be written
+(a shared, read-only dataset) falls back to the user's cache (``segtrain.data.scan_cache``). The file is keyed by a
+fingerprint of the mask and image files (relative path, size, mtime_ns and ctime_ns: a file rewritten with its old
+size and mtime restored, as ``cp -p`` or a repair tool leaves it, has a new ctime) and of every argument that
+changes the counts. A pass that met a problem caches nothing, so a cache hit also means that every pair was fine.
 
 A *mask source* is a FolderDataset, or any object with ``root``, ``mask_paths`` and
 ``load_mask(index)`` (optionally ``image_paths``, ``check_image(index)`` when its images are read by windows,
@@ -26,11 +31,9 @@ way: the multi-label decoders of ``segtrain.data.multilabel``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import operator
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +41,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from segtrain.atomic import atomic_write
 from segtrain.data.folder import check_image, size_mismatch_error
 from segtrain.data.masks import bad_label_message, count_labels
+from segtrain.data.multilabel import BinaryMaskDecoder, fill_code
+from segtrain.data.scan_cache import SplitCounts, cache_file, read_cache, write_cache
 
 log = logging.getLogger(__name__)
-
-# Bumped whenever the counting rules or the file layout change, so old caches are not reused.
-_CACHE_VERSION = 3
 
 
 @dataclass
 class PairScan:
     counts: np.ndarray | None  # (C,) pixels of each class; None when the pair has a problem
     problems: list[Exception]  # each names its file
+    ignored: int = 0  # pixels training ignores (see the module docstring)
+    pixels: int = 0  # all the mask's pixels
+
+
+def _ignored_pixels(decoder: Any, mask: np.ndarray, ignore_index: int | None, bad: list[tuple[int, int]]) -> int:
+    if isinstance(decoder, BinaryMaskDecoder):  # codes, not labels: the pixels ignored in every channel
+        every = fill_code(decoder.channels)
+        return int(np.count_nonzero((mask & every) == every))
+    ignored = int(np.count_nonzero(mask == ignore_index)) if ignore_index is not None else 0
+    return ignored + (sum(n for _, n in bad) if getattr(decoder, "on_bad_label", "error") == "ignore" else 0)
 
 
 def _read_labels(source: Any, index: int) -> np.ndarray:
@@ -89,7 +100,9 @@ def scan_pair(source: Any, index: int, num_classes: int, ignore_index: int | Non
     if bad and getattr(decoder, "on_bad_label", "error") == "error":
         labels = getattr(decoder, "num_labels", num_classes)  # a region decoder checks the labels of its regions
         problems.append(ValueError(bad_label_message(mask_path, bad, labels, ignore_index)))
-    return PairScan(None if problems else counts, problems)
+    if problems:
+        return PairScan(None, problems)
+    return PairScan(counts, problems, _ignored_pixels(decoder, np.asarray(mask), ignore_index, bad), int(mask.size))
 
 
 class _PairScans(torch.utils.data.Dataset):
@@ -138,133 +151,70 @@ def is_mask_source(source: Any) -> bool:
         hasattr(source, "decoder") or hasattr(source, "load_mask"))
 
 
-def _canonical(value: Any) -> Any:
-    """JSON-able form of a label mapping that is equal for equal mappings, whatever their order."""
-    if isinstance(value, Mapping):
-        pairs = [(_canonical(k), _canonical(v)) for k, v in value.items()]
-        return sorted(([k, v] for k, v in pairs), key=lambda kv: json.dumps(kv[0], sort_keys=True))
-    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+def counts_cache_file(source: Any, num_classes: int, ignore_index: int | None = 255,
+                      cache_dir: str | Path | None = None) -> Path:
+    """The file in which ``image_class_counts`` caches the counts of ``source`` (it may not exist);
+    ``cache_dir``: ``dataset.cache_dir`` (``scan_cache.cache_folder``)."""
+    return lookup_cache(source, num_classes, ignore_index, cache_dir, read=False)[0]
 
 
-def _file_entries(paths: Iterable[Path], root: Path, what: str) -> list[list]:
-    entries = []
-    for path in map(Path, paths):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: {what} file listed by the dataset does not exist") from None
-        try:
-            name = path.relative_to(root).as_posix()
-        except ValueError:  # files outside the root: the absolute path still identifies them
-            name = path.resolve().as_posix()
-        entries.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return entries
-
-
-def _fingerprint(source: Any, num_classes: int, ignore_index: int | None) -> str:
-    root = Path(source.root)
-    key = {
-        "version": _CACHE_VERSION,
-        "num_classes": num_classes,
-        "ignore_index": ignore_index,
-        "label_mapping": _canonical(getattr(source, "label_mapping", None)),
-        "on_bad_label": getattr(getattr(source, "decoder", None), "on_bad_label", "error"),
-        # In pair order: a row of the matrix belongs to one pair.
-        "masks": _file_entries(source.mask_files() if hasattr(source, "mask_files") else source.mask_paths, root,
-                               "mask"),
-        "images": _file_entries(getattr(source, "image_paths", None) or [], root, "image"),
-    }
-    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
-
-
-def _cache_key(source: Any, num_classes: int, ignore_index: int | None) -> tuple[Path, str]:
-    """(cache file, fingerprint): every listed file is stat-ed once, no mask is read."""
+def lookup_cache(source: Any, num_classes: int, ignore_index: int | None, cache_dir: str | Path | None = None,
+                 read: bool = True) -> tuple[Path, str, SplitCounts | None]:
+    """(cache file, fingerprint, the cached counts or None on a miss); no mask is read."""
     if not is_mask_source(source):
         raise TypeError(f"the class-count cache needs a mask source (root, mask_paths, load_mask), "
                         f"got {type(source).__name__}")
-    fingerprint = _fingerprint(source, as_int("num_classes", num_classes, 1), ignore_index)
-    return Path(source.root) / ".segtrain" / f"class_counts-{fingerprint[:16]}.npz", fingerprint
+    num_classes = as_int("num_classes", num_classes, 1)
+    path, key = cache_file(source, num_classes, ignore_index, cache_dir)
+    return path, key, read_cache(path, key, len(source.mask_paths), num_classes) if read else None
 
 
-def counts_cache_file(source: Any, num_classes: int, ignore_index: int | None = 255) -> Path:
-    """The file in which ``image_class_counts`` caches the matrix of ``source`` (it may not exist)."""
-    return _cache_key(source, num_classes, ignore_index)[0]
-
-
-def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndarray | None:
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != fingerprint:
-                raise ValueError("fingerprint does not match")
-            counts = data["counts"].astype(np.int64, copy=False)
-        if counts.shape != shape:
-            raise ValueError(f"shape {counts.shape}, expected {shape}")
-    except (OSError, ValueError, KeyError, EOFError) as err:
-        log.warning("%s: ignoring unreadable class-count cache (%s); recomputing", path, err)
-        return None
-    return counts
-
-
-def write_cache(path: Path, fingerprint: str, counts: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, counts=counts, fingerprint=np.array(fingerprint))
-
-    try:  # a unique temporary file: a cache is never seen half-written
-        atomic_write(path, write)
-    except OSError as err:  # a read-only dataset must not stop training
-        log.warning("%s: could not write the class-count cache (%s)", path, err)
-
-
-def lookup_cache(source: Any, num_classes: int, ignore_index: int | None) -> tuple[Path, str, np.ndarray | None]:
-    """(cache file, fingerprint, the cached matrix or None on a miss); no mask is read."""
-    path, fingerprint = _cache_key(source, num_classes, ignore_index)
-    return path, fingerprint, _read_cache(path, fingerprint, (len(source.mask_paths), num_classes))
-
-
-def read_cached_counts(source: Any, num_classes: int, ignore_index: int | None = 255) -> np.ndarray | None:
+def read_cached_counts(source: Any, num_classes: int, ignore_index: int | None = 255,
+                       cache_dir: str | Path | None = None) -> np.ndarray | None:
     """The matrix ``image_class_counts`` would read from its cache, or None on a miss (no mask read)."""
-    return lookup_cache(source, num_classes, ignore_index)[2]
+    cached = lookup_cache(source, num_classes, ignore_index, cache_dir)[2]
+    return None if cached is None else cached.counts
 
 
 def scan_counts(source: Any, num_classes: int, ignore_index: int | None, num_workers: int = 0,
-                indices: Sequence[int] | None = None) -> np.ndarray:
-    """(len(indices), C) int64 class counts of the pairs at ``indices`` (default: every pair), in order, no cache.
+                indices: Sequence[int] | None = None) -> SplitCounts:
+    """The counts of the pairs at ``indices`` (default: every pair), in order, no cache.
 
     Raises the first problem found (the error names the file); see ``scan_pair``.
     """
-    rows = []
+    rows, ignored, pixels = [], [], []
     scans = iter_scans(source, num_classes, ignore_index, num_workers, indices)
     for scan in scans:
         if scan.problems:
             scans.close()  # stop DataLoader workers before raising
             raise scan.problems[0]
         rows.append(scan.counts)
-    return np.stack(rows).astype(np.int64, copy=False) if rows else np.zeros((0, num_classes), dtype=np.int64)
+        ignored.append(scan.ignored)
+        pixels.append(scan.pixels)
+    counts = np.stack(rows).astype(np.int64, copy=False) if rows else np.zeros((0, num_classes), dtype=np.int64)
+    return SplitCounts(counts, np.array(ignored, dtype=np.int64), np.array(pixels, dtype=np.int64))
 
 
-def image_class_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
-                       cache: bool = True) -> np.ndarray:
-    """(N, C) int64: pixels of each class in each pair of the mask source, every pair checked, in this process
-    (``segtrain.data.scan_ranks`` spreads the same pass over DDP ranks).
+def image_pixel_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
+                       cache: bool = True, cache_dir: str | Path | None = None) -> SplitCounts:
+    """The pass over every pair of the mask source, every pair checked, in this process (``segtrain.data.scan_ranks``
+    spreads the same pass over DDP ranks), read from the cache when it is there, else written to it.
 
     Raises the first problem found (the error names the file); see ``scan_pair``.
     """
     num_classes, num_workers = as_int("num_classes", num_classes, 1), as_int("num_workers", num_workers, 0)
-    path, fingerprint, counts = lookup_cache(source, num_classes, ignore_index) if cache else (None, None, None)
-    if counts is not None:
-        log.info("class counts of %d masks read from %s", len(counts), path)
-        return counts
+    path, key, split = lookup_cache(source, num_classes, ignore_index, cache_dir) if cache else (None, None, None)
+    if split is not None:
+        log.info("class counts of %d masks read from %s", len(split.counts), path)
+        return split
     log.info("reading %d masks: class counts and pair checks", len(source.mask_paths))
-    counts = scan_counts(source, num_classes, ignore_index, num_workers)
+    split = scan_counts(source, num_classes, ignore_index, num_workers)
     if path is not None:
-        write_cache(path, fingerprint, counts)
-    return counts
+        write_cache(path, key, split)
+    return split
+
+
+def image_class_counts(source: Any, num_classes: int, ignore_index: int | None = 255, num_workers: int = 0,
+                       cache: bool = True, cache_dir: str | Path | None = None) -> np.ndarray:
+    """(N, C) int64: pixels of each class in each pair of the mask source (``image_pixel_counts``)."""
+    return image_pixel_counts(source, num_classes, ignore_index, num_workers, cache, cache_dir).counts

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from segtrain import distributed
 from segtrain.analysis.calibration import ReliabilityHistogram
-from segtrain.analysis.hard_cases import galleries
+from segtrain.analysis.hard_cases import HardCase, HardCases, galleries
 from segtrain.analysis.per_image import PerImageConfusion
 from segtrain.checkpoint import RunOutput, TrainState
 from segtrain.errors import choice_message
@@ -64,6 +64,7 @@ class FitOptions:
     ema_evaluate: bool = True  # with trainer.ema: evaluate (and choose best.pt by) the averaged weights
     calibration_bins: int | None = 15  # reliability bins of val/ece; None: not measured
     tensorboard_k: int = 4  # worst images per class drawn as val/hard_cases/<class> at each evaluation
+    report_k: int = 0  # worst images per class kept for the galleries of the report at the run's end (report.worst_k)
     multilabel: bool = False  # one sigmoid per channel, targets (N, C, H, W) (segtrain.data.multilabel)
 
     def checkpoint_due(self, step: int) -> bool:
@@ -81,8 +82,8 @@ def train_one_epoch(parts: TrainParts, loader, loss_fn, rt: Runtime, state: Trai
     steps = opts.steps_per_epoch - state.step_in_epoch
     if opts.max_steps is not None:
         steps = min(steps, opts.max_steps - state.step)
-    bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{opts.epochs}", disable=not opts.progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=epoch_label(state.epoch + 1, opts), disable=not opts.progress, leave=False,
+               dynamic_ncols=True)
     meter = TrainMeter(opts.class_names, opts.ignore_index, opts.grad_accum, opts.multilabel)
     batches = iter(loader)
     for i in range(steps):
@@ -143,19 +144,20 @@ class Evaluation:
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (image, target, prediction), CPU
     per_image: tuple[list[int], torch.Tensor] | None = None  # dataset indices, their (M, C, C) matrices (all ranks)
     calibration: ReliabilityHistogram | None = None
+    hard_cases: list[list[HardCase]] | None = None  # per class, the worst images' shrunk predictions (all ranks)
 
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index: int = 255,
              num_samples: int = 0, inference: InferenceOptions | None = None, per_image: bool = False,
-             calibration_bins: int | None = None, multilabel: bool = False, postprocess=None) -> Evaluation:
-    """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean
-    loss per batch, and the first ``num_samples`` images with their predictions. ``inference``
-    (sliding windows, test-time augmentation) scores the log of its blended probabilities.
-    ``per_image``: every image's confusion matrix too; ``calibration_bins``: reliability histograms and
-    top-label / per-class ECE. Both accumulate on the device: no host read per batch. ``multilabel``: targets
-    (N, C, H, W), one sigmoid decision per channel, a 2x2 matrix per channel. ``postprocess``: a calibrated
-    checkpoint's rules (``segtrain.inference.postprocessing``) applied to the labels before they are scored."""
+             calibration_bins: int | None = None, multilabel: bool = False, postprocess=None,
+             worst_k: int = 0) -> Evaluation:
+    """Confusion-matrix metrics over the whole loader (summed over ranks under DDP), the mean loss per batch, the
+    first ``num_samples`` images with their predictions. ``inference``: sliding windows, TTA (the log of the blended
+    probabilities scored). ``per_image``: each image's confusion matrix, and with ``worst_k`` each class's ``worst_k``
+    lowest-Dice images' predictions shrunk for the galleries (``hard_cases.HardCases``); ``calibration_bins``:
+    reliability histograms, top-label / per-class ECE; all on the device, no host read per batch. ``multilabel``:
+    (N, C, H, W) targets, a sigmoid and a 2x2 matrix per channel. ``postprocess``: a checkpoint's rules applied."""
     model.eval()
     matrix = (ChannelConfusion if multilabel else ConfusionMatrix)(num_classes, ignore_index, device=rt.device)
     images_cm = PerImageConfusion(num_classes, ignore_index, rt.device, multilabel) if per_image else None
@@ -163,6 +165,8 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
         if calibration_bins else None
     # The dataset indices in the order the batches hold them (a streamed dataset says its own order).
     order = loader.dataset.sample_order() if hasattr(loader.dataset, "sample_order") else list(loader.sampler)
+    hard = HardCases(num_classes, worst_k, rt.device, multilabel) if per_image and worst_k > 0 else None
+    positions = torch.as_tensor(order, dtype=torch.int64, device=rt.device) if hard is not None else None  # once
     loss_sum, batches, seen = torch.zeros((), device=rt.device), 0, 0
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for images, masks in loader:
@@ -175,7 +179,9 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
             preds = apply_to_batch(logits, preds, postprocess, multilabel)
         matrix.update(preds, masks)
         if images_cm is not None:
-            images_cm.update(preds, masks, order[seen : seen + images.shape[0]])
+            matrices = images_cm.update(preds, masks, order[seen : seen + images.shape[0]])
+            if hard is not None:
+                hard.update(matrices, preds, positions[seen : seen + images.shape[0]])
         if histogram is not None:
             histogram.update(logits, masks, None if multilabel or postprocess is not None else preds)
         batches += 1
@@ -191,7 +197,20 @@ def evaluate(model, loader, loss_fn, rt: Runtime, num_classes: int, ignore_index
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(batches), device=rt.device)]))
     metrics["loss"] = totals[0].item() / max(totals[1].item(), 1)
     return Evaluation(metrics, matrix.matrix.cpu(), samples, images_cm.gather() if images_cm is not None else None,
-                      histogram)
+                      histogram, hard.gather() if hard is not None else None)
+
+
+def epoch_label(number: int, opts: FitOptions) -> str:
+    return f"epoch {number}/{opts.epochs}"  # 1-based: the progress bar's and the log's one numbering
+
+
+def evaluated_at(state: TrainState, opts: FitOptions) -> str:
+    """``after epoch 4/4 (step 160)`` at an epoch's end, ``in epoch 4/4 (step 150, 30 of its 40 steps)`` when the
+    run stops inside one (``trainer.max_steps``, or ``trainer.steps``): the epoch the progress bar showed."""
+    if state.step_in_epoch == 0:  # fit has counted the epoch just finished: state.epoch is its 1-based number
+        return f"after {epoch_label(state.epoch, opts)} (step {state.step})"
+    return (f"in {epoch_label(state.epoch + 1, opts)} (step {state.step}, {state.step_in_epoch} of its "
+            f"{opts.steps_per_epoch} steps)")
 
 
 def _improved(score: float, best: float | None, mode: str) -> bool:
@@ -204,16 +223,15 @@ def _evaluate_and_keep_best(parts: TrainParts, val_loader, loss_fn, rt: Runtime,
                             opts: FitOptions, out: RunOutput) -> dict[str, float]:
     result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
                       opts.ignore_index, opts.num_samples if out.logger is not None else 0, opts.inference,
-                      per_image=True, calibration_bins=opts.calibration_bins, multilabel=opts.multilabel)
+                      per_image=True, calibration_bins=opts.calibration_bins, multilabel=opts.multilabel,
+                      worst_k=max(opts.tensorboard_k, opts.report_k))
     out.last_evaluation = result
     final = flatten_metrics(result.metrics, opts.class_names, "val")
-    log.info("evaluation after epoch %d (step %d):\n%s", state.epoch, state.step,
-             format_table(result.metrics, opts.class_names))
+    log.info("evaluation %s:\n%s", evaluated_at(state, opts), format_table(result.metrics, opts.class_names))
     if out.logger is not None:
         out.logger.scalars(final, state.step)
-        # The unwrapped model: under DDP only rank 0 draws, and a DDP forward would wait for the others.
-        hard = galleries(parts.eval_model(opts.ema_evaluate), val_loader.dataset, *result.per_image, opts.class_names,
-                         opts.tensorboard_k, rt, opts.inference, out.logger.mean, out.logger.std, opts.ignore_index)
+        hard = galleries(val_loader.dataset, result.hard_cases, opts.class_names, opts.tensorboard_k,
+                         out.logger.mean, out.logger.std, opts.ignore_index)
         out.logger.evaluation(result.matrix, result.samples, state.step, hard, result.calibration)
     score = final.get(opts.monitor)
     if score is None:
@@ -276,7 +294,7 @@ def fit(parts: TrainParts, train_loader, val_loader, loss_fn, rt: Runtime, state
     if not final:  # resumed from a finished (or early-stopped) run: nothing left to train, still report
         result = evaluate(parts.eval_net(opts.ema_evaluate), val_loader, loss_fn, rt, len(opts.class_names),
                           opts.ignore_index, inference=opts.inference, per_image=True,
-                          calibration_bins=opts.calibration_bins, multilabel=opts.multilabel)
+                          calibration_bins=opts.calibration_bins, multilabel=opts.multilabel, worst_k=opts.report_k)
         out.last_evaluation = result
         final = flatten_metrics(result.metrics, opts.class_names, "val")
     return final
