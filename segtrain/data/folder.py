@@ -78,6 +78,19 @@ def size_mismatch_error(mask_path: Path, mask_hw: tuple[int, ...], image_path: P
                       f"size {image_hw[1]}x{image_hw[0]}")
 
 
+def find_pairs(root: Path, split: str, image_dir: str, mask_dir: str, list_file: str | None,
+               image_suffixes: Sequence[str], mask_suffix: str, recursive: bool) -> tuple[Path, Path, Pairing]:
+    """(image folder, mask folder, their pairs): the pairs a list file names, else every image with the mask of its
+    key. The directories and the list file are relative to ``root`` and may contain ``{split}``."""
+    image_path, mask_path = (root / d.format(split=split) for d in (image_dir, mask_dir))
+    if list_file is not None:
+        pairing = pair_from_list(root / list_file.format(split=split), root, image_path, mask_path, image_suffixes,
+                                 mask_suffix, recursive)
+    else:
+        pairing = pair_by_key(image_path, mask_path, image_suffixes, mask_suffix, recursive)
+    return image_path, mask_path, pairing
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Image/mask pairs of one split; also the mask source of the one pass over the pairs
     (``segtrain.data.scan``: ``root``, ``image_paths``, ``mask_paths``, ``decoder``).
@@ -130,12 +143,8 @@ class FolderDataset(torch.utils.data.Dataset):
                                  f"({', '.join(self.decoder.names)}) but dataset.num_classes={num_classes}: a "
                                  "multi-label model has one output channel per region")
         self.label_mapping = self.decoder.label_mapping
-        image_path, mask_path = (self.root / d.format(split=split) for d in (image_dir, mask_dir))
-        if list_file is not None:
-            pairing = pair_from_list(self.root / list_file.format(split=split), self.root, image_path, mask_path,
-                                     image_suffixes, mask_suffix, recursive)
-        else:
-            pairing = pair_by_key(image_path, mask_path, image_suffixes, mask_suffix, recursive)
+        image_path, mask_path, pairing = find_pairs(self.root, split, image_dir, mask_dir, list_file, image_suffixes,
+                                                    mask_suffix, recursive)
         self.unpaired = self._accept(pairing, allow_unpaired)
         if not pairing.image_paths:
             source = f"no pairs in {self.root / list_file.format(split=split)}" if list_file else (

@@ -27,9 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from segtrain.data.folder import FolderDataset, size_mismatch_error
+from segtrain.data.folder import FolderDataset, find_pairs, size_mismatch_error
 from segtrain.data.masks import MaskDecoder
-from segtrain.data.pairing import pair_by_key, pair_from_list
 from segtrain.data.raster import TIFF_SUFFIXES, RasterReader, grid_starts
 
 _OPEN_READERS = 16  # per process: a split of thousands of rasters does not hold thousands of files open
@@ -69,12 +68,8 @@ class RasterTileDataset(FolderDataset):
         self.stride = _size("dataset.tile_stride", tile_stride if tile_stride is not None else tile_size)
         self.masks = WindowMaskDecoder(num_classes, ignore_index, label_mapping, on_bad_label=on_bad_label)
         self.label_mapping = {"labels": self.masks.label_mapping, "tiles": [*self.tile, *self.stride]}
-        image_path, mask_path = (self.root / d.format(split=split) for d in (image_dir, mask_dir))
-        if list_file is not None:
-            pairing = pair_from_list(self.root / list_file.format(split=split), self.root, image_path, mask_path,
-                                     image_suffixes, mask_suffix, recursive)
-        else:
-            pairing = pair_by_key(image_path, mask_path, image_suffixes, mask_suffix, recursive)
+        image_path, mask_path, pairing = find_pairs(self.root, split, image_dir, mask_dir, list_file, image_suffixes,
+                                                    mask_suffix, recursive)
         self.unpaired = self._accept(pairing, allow_unpaired)
         if not pairing.image_paths:
             raise FileNotFoundError(f"{image_path}: empty split '{split}', expected rasters "
